@@ -1,0 +1,27 @@
+"""The service's error taxonomy. Domain code raises these; one interceptor maps them to gRPC codes."""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """Base of every error a caller may see the message of."""
+
+
+class InvalidRequest(RouterError):
+    """A request field is wrong; the message names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Overloaded(RouterError):
+    """Too many calls in flight: shed at once rather than queue without bound."""
+
+
+class NotReady(RouterError):
+    """No bundle loaded yet, or shutting down."""
+
+
+class DeadlineExceeded(RouterError):
+    """The caller's deadline passed before the work could finish."""

@@ -1,0 +1,41 @@
+"""The one feature code path: prompt text -> the vector the heads read.
+
+Training and serving both call `build_features`, so a head never sees features computed another
+way than it was trained on. The feature names are recorded in the bundle manifest and checked
+against this module when a bundle is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from router.embedder import TokenizedPrompt
+
+FEATURE_VERSION = "1"
+# Cheap, length- and shape-aware signals that a sentence embedding normalises away.
+EXTRA_FEATURES = ("log_tokens", "log_chars", "log_lines", "digit_frac", "non_ascii_frac", "truncated")
+
+
+def feature_names(embedding_dim: int) -> list[str]:
+    return [f"emb_{i}" for i in range(embedding_dim)] + list(EXTRA_FEATURES)
+
+
+def extra_features(texts: Sequence[str], tokens: Sequence[TokenizedPrompt], max_tokens: int) -> np.ndarray:
+    out = np.empty((len(texts), len(EXTRA_FEATURES)), dtype=np.float32)
+    for i, (text, tok) in enumerate(zip(texts, tokens, strict=True)):
+        n = max(len(text), 1)
+        out[i] = (
+            np.log1p(tok.full_tokens),
+            np.log1p(len(text)),
+            np.log1p(text.count("\n")),
+            sum(ch.isdigit() for ch in text) / n,
+            sum(ord(ch) > 127 for ch in text) / n,
+            float(tok.full_tokens + 2 > max_tokens),
+        )
+    return out
+
+
+def build_features(embeddings: np.ndarray, extras: np.ndarray) -> np.ndarray:
+    return np.hstack([embeddings, extras]).astype(np.float32, copy=False)

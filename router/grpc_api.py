@@ -1,0 +1,99 @@
+"""The gRPC servicer: protobuf in, domain call, protobuf out. Nothing else lives here."""
+
+from __future__ import annotations
+
+import grpc
+
+from router import __version__
+from router.service import Limits, RouteQuery, RouteResult, RouterService
+from router.v1 import router_pb2, router_pb2_grpc
+
+
+def to_query(request: router_pb2.RouteRequest) -> RouteQuery:
+    return RouteQuery(
+        prompt=request.prompt,
+        cost_weight=request.cost_weight if request.HasField("cost_weight") else None,
+        allowed_models=tuple(request.allowed_models),
+        max_cost_usd=request.max_cost_usd if request.HasField("max_cost_usd") else None,
+        preset=request.preset,
+    )
+
+
+def to_response(result: RouteResult) -> router_pb2.RouteResponse:
+    d = result.decision
+    return router_pb2.RouteResponse(
+        model=d.model,
+        estimates=[
+            router_pb2.ModelEstimate(
+                model=s.estimate.model,
+                quality=s.estimate.quality,
+                cost_usd=s.estimate.cost_usd,
+                utility=s.utility,
+                eligible=s.eligible,
+            )
+            for s in d.scored
+        ],
+        bundle_version=result.bundle_version,
+        reason=d.reason,
+        cost_weight=d.cost_weight,
+        input_tokens=result.input_tokens,
+    )
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, service: RouterService, limits: Limits) -> None:
+        self._service = service
+        self._limits = limits
+
+    async def Route(
+        self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteResponse:
+        result = await self._service.route(to_query(request), timeout_s=context.time_remaining())
+        return to_response(result)
+
+    async def ListModels(
+        self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListModelsResponse:
+        bundle = self._service.active.estimator.bundle
+        return router_pb2.ListModelsResponse(
+            models=[
+                router_pb2.ModelInfo(
+                    model=m.name,
+                    input_usd_per_mtok=m.input_usd_per_mtok,
+                    output_usd_per_mtok=m.output_usd_per_mtok,
+                )
+                for m in bundle.manifest.models
+            ],
+            bundle_version=bundle.version,
+        )
+
+    async def Info(
+        self, request: router_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.InfoResponse:
+        active = self._service.active
+        bundle = active.estimator.bundle
+        m = bundle.manifest
+        return router_pb2.InfoResponse(
+            bundle_version=m.bundle_version,
+            bundle_created_at=m.created_at,
+            embedder_sha256=m.embedder.sha256,
+            embedding_dim=m.embedder.dim,
+            default_cost_weight=m.policy.default_cost_weight,
+            c_ref_usd=m.policy.c_ref_usd,
+            presets=[
+                router_pb2.Preset(name=name, cost_weight=p.cost_weight, description=p.description)
+                for name, p in sorted(m.policy.presets.items())
+            ],
+            execution_provider=bundle.embedder.provider,
+            server_version=__version__,
+            max_prompt_chars=self._limits.max_prompt_chars,
+            max_batch_size=self._limits.max_batch_size,
+            max_in_flight=self._limits.max_in_flight,
+            bundle_loaded_at=_iso(active.loaded_at),
+        )
+
+
+def _iso(ts: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,32 @@
+"""Runs a bundle's heads graph: features in, per-model quality and output length out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from router.runtime import make_session
+
+OUTPUTS = ("quality", "output_tokens")
+
+
+class Heads:
+    def __init__(self, path: Path, *, provider: str = "auto", threads: int = 0) -> None:
+        # Tree ensembles have no CUDA kernels; a GPU would only add copies.
+        self._session = make_session(path, provider="cpu", threads=threads)
+        inputs = self._session.get_inputs()
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if len(inputs) != 1 or set(outputs) != set(OUTPUTS):
+            raise ValueError(f"{path.name}: heads graph must map one input to outputs {OUTPUTS}")
+        self._input = inputs[0].name
+        n_features = inputs[0].shape[-1]
+        n_models = outputs["quality"].shape[-1]
+        if not isinstance(n_features, int) or not isinstance(n_models, int):
+            raise ValueError(f"{path.name}: heads graph must have fixed feature and model dimensions")
+        self.n_features = n_features
+        self.n_models = n_models
+
+    def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        quality, out_tokens = self._session.run(list(OUTPUTS), {self._input: features})
+        return quality.astype(np.float64), out_tokens.astype(np.float64)

@@ -1,0 +1,109 @@
+"""Every Prometheus metric the service exports, in one place.
+
+Label values come only from small fixed sets (gRPC method and code names, stage names) or from
+the loaded bundle (model names, its version): never from prompt text or other caller input.
+The dashboards and alert rules in deploy/ query exactly these names (a contract test checks it).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Latency buckets from 0.5 ms to 2.5 s: the embedder alone takes milliseconds on a CPU.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("queue", "embed", "heads", "policy")
+
+
+class Metrics:
+    """Owns a registry so that tests and several servers in one process do not collide."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "router_requests", "gRPC calls by method and status code.", ["method", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "router_request_duration_seconds",
+            "Whole-call latency as the server sees it.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "router_stage_duration_seconds",
+            "Time per stage of a Route call: queue (waiting for the engine), embed (tokenize + "
+            "encoder, per batch), heads (features + heads + pricing, per batch), policy (per call).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "router_batch_size", "Prompts per embedder/heads run.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.decisions = Counter(
+            "router_decisions", "Route decisions by chosen model.", ["model"], registry=r
+        )
+        self.predicted_spend = Counter(
+            "router_predicted_spend_usd",
+            "Sum of the predicted cost of the chosen models, USD.",
+            ["model"],
+            registry=r,
+        )
+        self.in_flight = Gauge("router_in_flight", "Route calls admitted and not yet answered.", registry=r)
+        self.bundle_info = Gauge(
+            "router_bundle_info", "The active bundle (value 1).", ["version", "precision"], registry=r
+        )
+        self.bundle_loaded = Gauge(
+            "router_bundle_loaded_timestamp_seconds",
+            "When the active bundle was loaded (Unix time).",
+            registry=r,
+        )
+        self.bundle_loads = Counter(
+            "router_bundle_loads",
+            "Bundle load attempts by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.provider_info = Gauge(
+            "router_execution_provider_info",
+            "ONNX Runtime execution provider of the embedder (value 1).",
+            ["provider"],
+            registry=r,
+        )
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+        for result in ("success", "failure"):
+            self.bundle_loads.labels(result=result)
+
+    def set_bundle(self, version: str, precision: str, models: tuple[str, ...], loaded_at: float) -> None:
+        self.bundle_info.clear()
+        self.bundle_info.labels(version=version, precision=precision).set(1)
+        self.bundle_loaded.set(loaded_at)
+        for model in models:  # so that every model's series exists from the start
+            self.decisions.labels(model=model)
+            self.predicted_spend.labels(model=model)
+
+    def set_provider(self, provider: str) -> None:
+        self.provider_info.clear()
+        self.provider_info.labels(provider=provider).set(1)

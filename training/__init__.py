@@ -1,0 +1,1 @@
+"""Offline pipeline: routing tables -> embeddings -> heads -> evaluation -> bundle."""

@@ -1,0 +1,176 @@
+"""Routing tables in the canonical layout (prompts.parquet, outcomes.parquet, models.csv).
+
+Everything the trainer and the evaluator read goes through `RoutingTable`, which refuses a table
+with a message naming the problem rather than training on garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PROMPT_COLUMNS = ("prompt_id", "prompt", "split")
+OUTCOME_COLUMNS = ("prompt_id", "model", "score")
+PRICE_COLUMNS = ("model", "input_usd_per_mtok", "output_usd_per_mtok")
+SPLITS = ("train", "test")
+
+
+class TableError(ValueError):
+    """A routing table that cannot be used as it is; the message names the problem."""
+
+
+def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise TableError(f"{what}: missing column(s) {', '.join(missing)}")
+
+
+@dataclass
+class RoutingTable:
+    """One routing table. `outcomes` has one row per observed (prompt, model) pair."""
+
+    name: str
+    prompts: pd.DataFrame  # prompt_id, prompt, split, [source]
+    outcomes: pd.DataFrame  # prompt_id, model, score, input_tokens, output_tokens, cost_usd
+    prices: pd.DataFrame  # model, input_usd_per_mtok, output_usd_per_mtok
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.prices["model"])
+
+    def _validate(self) -> None:
+        _require(self.prompts, PROMPT_COLUMNS, f"{self.name} prompts")
+        _require(self.outcomes, OUTCOME_COLUMNS, f"{self.name} outcomes")
+        _require(self.prices, PRICE_COLUMNS, f"{self.name} models")
+        p, o, m = self.prompts, self.outcomes, self.prices
+        for col in ("input_tokens", "output_tokens", "cost_usd"):
+            if col not in o.columns:
+                o[col] = pd.NA
+        if p["prompt_id"].duplicated().any():
+            dup = p.loc[p["prompt_id"].duplicated(), "prompt_id"].iloc[0]
+            raise TableError(f"{self.name} prompts: duplicate prompt_id {dup!r}")
+        if p["prompt"].isna().any():
+            raise TableError(f"{self.name} prompts: {int(p['prompt'].isna().sum())} prompt(s) are null")
+        bad_split = sorted(set(p["split"].dropna().unique()) - set(SPLITS))
+        if bad_split or p["split"].isna().any():
+            raise TableError(f"{self.name} prompts: split must be train or test, found {bad_split or 'null'}")
+        if o[["prompt_id", "model"]].duplicated().any():
+            row = o.loc[o[["prompt_id", "model"]].duplicated(), ["prompt_id", "model"]].iloc[0]
+            raise TableError(
+                f"{self.name} outcomes: duplicate (prompt_id, model) pair "
+                f"({row['prompt_id']!r}, {row['model']!r})"
+            )
+        scores = pd.to_numeric(o["score"], errors="coerce")
+        if scores.isna().any() or ((scores < 0) | (scores > 1)).any():
+            bad = o.loc[scores.isna() | (scores < 0) | (scores > 1), "score"].iloc[0]
+            raise TableError(f"{self.name} outcomes: score must be a number in 0..1, found {bad!r}")
+        for col in ("input_tokens", "output_tokens", "cost_usd"):
+            values = pd.to_numeric(o[col], errors="coerce")
+            if (values < 0).any():
+                raise TableError(f"{self.name} outcomes: negative {col} ({values[values < 0].iloc[0]})")
+        unknown_prompts = set(o["prompt_id"]) - set(p["prompt_id"])
+        if unknown_prompts:
+            raise TableError(
+                f"{self.name} outcomes: prompt_id {sorted(unknown_prompts)[0]!r} is not in prompts"
+            )
+        if m["model"].duplicated().any():
+            raise TableError(
+                f"{self.name} models: duplicate model {m.loc[m['model'].duplicated(), 'model'].iloc[0]!r}"
+            )
+        unpriced = sorted(set(o["model"]) - set(m["model"]))
+        if unpriced:
+            raise TableError(f"{self.name}: model {unpriced[0]!r} has outcomes but no price in models.csv")
+        for col in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            price = pd.to_numeric(m[col], errors="coerce")
+            if price.isna().any() or (price < 0).any():
+                model = m.loc[price.isna() | (price < 0), "model"].iloc[0]
+                raise TableError(f"{self.name} models: {col} of {model!r} must be a non-negative number")
+        self.outcomes = o.assign(
+            score=scores.astype(float),
+            input_tokens=pd.to_numeric(o["input_tokens"], errors="coerce").astype("Float64"),
+            output_tokens=pd.to_numeric(o["output_tokens"], errors="coerce").astype("Float64"),
+            cost_usd=pd.to_numeric(o["cost_usd"], errors="coerce").astype("Float64"),
+        )
+        # Only models that were actually observed are candidates.
+        self.prices = (
+            m[m["model"].isin(set(o["model"]))]
+            .reset_index(drop=True)
+            .astype({"input_usd_per_mtok": float, "output_usd_per_mtok": float})
+        )
+        if self.prices.empty:
+            raise TableError(f"{self.name}: no outcomes")
+
+    def split(self, split: str) -> RoutingTable:
+        if split not in SPLITS:
+            raise TableError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        prompts = self.prompts[self.prompts["split"] == split].reset_index(drop=True)
+        if prompts.empty:
+            raise TableError(f"{self.name}: split {split!r} has no prompts")
+        outcomes = self.outcomes[self.outcomes["prompt_id"].isin(set(prompts["prompt_id"]))]
+        return RoutingTable(self.name, prompts, outcomes.reset_index(drop=True), self.prices)
+
+    def subset(self, prompt_ids: pd.Index | list[str] | np.ndarray) -> RoutingTable:
+        keep = set(prompt_ids)
+        prompts = self.prompts[self.prompts["prompt_id"].isin(keep)].reset_index(drop=True)
+        outcomes = self.outcomes[self.outcomes["prompt_id"].isin(keep)].reset_index(drop=True)
+        return RoutingTable(self.name, prompts, outcomes, self.prices)
+
+    def matrix(self, column: str) -> np.ndarray:
+        """(prompts x models) array of an outcome column, NaN where the pair is unobserved."""
+        wide = self.outcomes.pivot(index="prompt_id", columns="model", values=column)
+        wide = wide.reindex(index=self.prompts["prompt_id"], columns=self.models)
+        return wide.to_numpy(dtype=float, na_value=np.nan)
+
+    def fingerprint(self) -> str:
+        """Identifies the exact rows trained on (recorded in the bundle manifest)."""
+        digest = hashlib.sha256()
+        for frame, cols in (
+            (self.prompts, ["prompt_id", "prompt", "split"]),
+            (self.outcomes, ["prompt_id", "model", "score", "input_tokens", "output_tokens", "cost_usd"]),
+            (self.prices, list(PRICE_COLUMNS)),
+        ):
+            ordered = frame[cols].sort_values(cols[:2] if len(cols) > 3 else cols[:1])
+            digest.update(pd.util.hash_pandas_object(ordered, index=False).to_numpy().tobytes())
+        return digest.hexdigest()
+
+
+def load_table(directory: Path) -> RoutingTable:
+    """Reads a table in the canonical layout (see the data README)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TableError(f"{directory}: no such directory")
+    files = {name: directory / name for name in ("prompts.parquet", "outcomes.parquet", "models.csv")}
+    absent = [name for name, path in files.items() if not path.exists()]
+    if absent:
+        raise TableError(f"{directory}: missing file(s) {', '.join(absent)} (canonical layout)")
+    try:
+        prompts = pd.read_parquet(files["prompts.parquet"])
+        outcomes = pd.read_parquet(files["outcomes.parquet"])
+        prices = pd.read_csv(files["models.csv"])
+    except Exception as exc:  # pyarrow / pandas raise many types for unreadable files
+        raise TableError(f"{directory}: cannot read table ({exc})") from exc
+    return RoutingTable(directory.name, prompts, outcomes, prices)
+
+
+def carve_validation(
+    table: RoutingTable, fraction: float = 0.15, seed: int = 0
+) -> tuple[RoutingTable, RoutingTable]:
+    """Splits a train table into (fit, validation) by a hash of prompt_id: stable across runs."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    ids = table.prompts["prompt_id"].astype(str)
+    salted = pd.util.hash_pandas_object(ids + f"#{seed}", index=False).to_numpy()
+    is_val = (salted % 10_000) < int(fraction * 10_000)
+    return table.subset(ids[~is_val]), table.subset(ids[is_val])
+
+
+def complete_rows(table: RoutingTable) -> np.ndarray:
+    """Mask of prompts that every model answered with a known cost (where METRICS.md evaluates)."""
+    return ~(np.isnan(table.matrix("score")).any(axis=1) | np.isnan(table.matrix("cost_usd")).any(axis=1))
