@@ -161,6 +161,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from training.adapters import load_routerbench, load_sprout, write_canonical
+
+    name = args.name or Path(args.out).name
+    if args.format == "sprout":
+        table = load_sprout(args.source, Path(args.prices), name=name)
+    else:
+        table = load_routerbench(Path(args.source), Path(args.prices), name=name)
+    write_canonical(table, Path(args.out))
+    print(
+        f"wrote {len(table.prompts)} prompts, {len(table.outcomes)} outcomes, "
+        f"{len(table.models)} models to {args.out}"
+    )
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict_to_parquet
 
@@ -217,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("convert", help="convert SPROUT or RouterBench data to the canonical table layout")
+    p.add_argument("--format", required=True, choices=["sprout", "routerbench"])
+    p.add_argument(
+        "--source", required=True, help="SPROUT: hub id or local dataset path; RouterBench: .pkl or .csv"
+    )
+    p.add_argument("--prices", required=True, help="CSV: model,input_usd_per_mtok,output_usd_per_mtok")
+    p.add_argument("--out", required=True, help="directory to write the canonical table into")
+    p.add_argument("--name", default=None, help="table name (default: the output directory's name)")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("predict", help="write a bundle's estimates for every (prompt, model) of a split")
     p.add_argument("--bundle", required=True)

@@ -118,6 +118,7 @@ class RouterServer:
 
         started = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, self.service.load_initial)
+        self.service.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING (bundle loaded and warm in %.2f s)", time.perf_counter() - started)

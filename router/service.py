@@ -156,6 +156,9 @@ class RouterService:
     def load_initial(self) -> None:
         """Loads the configured bundle (blocking); raises BundleError if it is unusable."""
         self._active = self._load(self.bundle_path)
+
+    def start(self) -> None:
+        """Starts the batch worker; call from the event loop that serves the calls."""
         self._batcher.start()
 
     def _load(self, path: Path) -> ActiveBundle:

@@ -42,7 +42,13 @@ class ServerThread:
 
 @contextmanager
 def running_server(**overrides: Any) -> Iterator[ServerThread]:
-    base = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1", "bundle_poll_s": 0}
+    base = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "metrics_host": "127.0.0.1",
+        "bundle_poll_s": 0,
+    }
     thread = ServerThread(ServeSettings(**(base | overrides))).start()
     try:
         yield thread

@@ -129,7 +129,7 @@ def train_bundle(
         targets = build_targets(table, est.estimate(full.word_pieces, full.chars))
         is_val = table.prompts["prompt_id"].isin(set(val_table.prompts["prompt_id"])).to_numpy()
         c_ref = float(np.nanmean(np.nanmean(table.matrix("cost_usd"), axis=0)))
-    params = HeadParams(threads=settings.threads, seed=config.seed)
+    params = HeadParams(seed=config.seed)
     with timer.stage("heads_validation"):
         heads = fit_heads(
             table.models,

@@ -23,4 +23,4 @@ class TrainSettings(BaseSettings):
         default_factory=_default_cache_dir,
         description="Exported embedders and cached embeddings; deleting it only costs time.",
     )
-    threads: int = Field(default=0, ge=0, description="Threads for ONNX Runtime and LightGBM; 0 = all cores.")
+    threads: int = Field(default=0, ge=0, description="Threads for the ONNX Runtime embedder; 0 = all cores.")

@@ -1,0 +1,94 @@
+"""Loading real routing tables, and refusing bad ones with a message naming the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.tables import RoutingTable, TableError, carve_validation, complete_rows, load_table
+
+
+def _copy(
+    data_dir: Path, tmp_path: Path, n_prompts: int = 50
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    src = data_dir / "mmlu_pro"
+    prompts = pd.read_parquet(src / "prompts.parquet").head(n_prompts)
+    outcomes = pd.read_parquet(src / "outcomes.parquet")
+    outcomes = outcomes[outcomes["prompt_id"].isin(prompts["prompt_id"])].reset_index(drop=True)
+    return prompts, outcomes, pd.read_csv(src / "models.csv")
+
+
+def _write(tmp_path: Path, prompts: pd.DataFrame, outcomes: pd.DataFrame, models: pd.DataFrame) -> Path:
+    out = tmp_path / "table"
+    out.mkdir(exist_ok=True)
+    prompts.to_parquet(out / "prompts.parquet")
+    outcomes.to_parquet(out / "outcomes.parquet")
+    models.to_csv(out / "models.csv", index=False)
+    return out
+
+
+@pytest.mark.parametrize("name", ["mmlu_pro", "dcrouter", "routellm_pair"])
+def test_every_shipped_table_loads(data_dir: Path, name: str) -> None:
+    table = load_table(data_dir / name)
+    train, test = table.split("train"), table.split("test")
+    assert len(train.prompts) > len(test.prompts) > 0
+    score = train.matrix("score")
+    assert score.shape == (len(train.prompts), len(table.models))
+    assert np.nanmin(score) >= 0 and np.nanmax(score) <= 1
+    assert complete_rows(test).sum() > 0
+
+
+def test_validation_is_carved_from_train_reproducibly(data_dir: Path) -> None:
+    train = load_table(data_dir / "dcrouter").split("train")
+    fit, val = carve_validation(train, 0.15, seed=0)
+    again = carve_validation(train, 0.15, seed=0)[1]
+    assert set(fit.prompts["prompt_id"]).isdisjoint(val.prompts["prompt_id"])
+    assert len(fit.prompts) + len(val.prompts) == len(train.prompts)
+    assert list(val.prompts["prompt_id"]) == list(again.prompts["prompt_id"])
+    assert 0.10 < len(val.prompts) / len(train.prompts) < 0.20
+
+
+def test_missing_column_is_named(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    with pytest.raises(TableError, match="missing column.*score"):
+        load_table(_write(tmp_path, p, o.drop(columns=["score"]), m))
+
+
+def test_score_outside_unit_interval_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    o.loc[3, "score"] = 1.5
+    with pytest.raises(TableError, match="score must be a number in 0..1"):
+        load_table(_write(tmp_path, p, o, m))
+
+
+def test_negative_cost_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    o.loc[0, "cost_usd"] = -0.01
+    with pytest.raises(TableError, match="negative cost_usd"):
+        load_table(_write(tmp_path, p, o, m))
+
+
+def test_duplicate_pair_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    o = pd.concat([o, o.iloc[[5]]], ignore_index=True)
+    with pytest.raises(TableError, match="duplicate \\(prompt_id, model\\) pair"):
+        load_table(_write(tmp_path, p, o, m))
+
+
+def test_model_without_a_price_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    dropped = m["model"].iloc[0]
+    with pytest.raises(TableError, match=f"{dropped}.*no price"):
+        load_table(_write(tmp_path, p, o, m.iloc[1:]))
+
+
+def test_missing_file_and_unknown_split_are_named(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TableError, match="missing file"):
+        load_table(tmp_path)
+    table = load_table(data_dir / "mmlu_pro")
+    with pytest.raises(TableError, match="unknown split"):
+        table.split("validation")
+    assert isinstance(table, RoutingTable)

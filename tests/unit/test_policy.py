@@ -1,0 +1,74 @@
+"""The routing policy as a pure function: no server, no bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from router.policy import Estimate, Preferences, choose, decide
+
+C_REF = 1e-4
+ESTIMATES = [
+    Estimate("small", quality=0.40, cost_usd=0.1e-4),
+    Estimate("medium", quality=0.60, cost_usd=1.0e-4),
+    Estimate("large", quality=0.75, cost_usd=5.0e-4),
+]
+
+
+def test_w0_picks_the_highest_quality() -> None:
+    assert decide(ESTIMATES, Preferences(cost_weight=0.0), C_REF).model == "large"
+
+
+def test_w1_picks_the_cheapest() -> None:
+    assert decide(ESTIMATES, Preferences(cost_weight=1.0), C_REF).model == "small"
+
+
+def test_intermediate_w_trades_quality_for_cost() -> None:
+    # utilities at w=0.05: small 0.375, medium 0.52, large 0.4625
+    d = decide(ESTIMATES, Preferences(cost_weight=0.05), C_REF)
+    assert d.model == "medium"
+    by_model = {s.estimate.model: s.utility for s in d.scored}
+    assert by_model["medium"] == pytest.approx(0.95 * 0.60 - 0.05 * 1.0)
+    assert "highest utility" in d.reason
+
+
+def test_allowed_models_restrict_the_choice() -> None:
+    d = decide(ESTIMATES, Preferences(cost_weight=0.0, allowed_models=frozenset({"small", "medium"})), C_REF)
+    assert d.model == "medium"
+    assert {s.estimate.model for s in d.scored if not s.eligible} == {"large"}
+
+
+def test_ceiling_filters_before_scoring() -> None:
+    d = decide(ESTIMATES, Preferences(cost_weight=0.0, max_cost_usd=2e-4), C_REF)
+    assert d.model == "medium"
+    assert "above max_cost_usd" in d.reason
+
+
+def test_nothing_under_the_ceiling_falls_back_to_the_cheapest_allowed() -> None:
+    prefs = Preferences(cost_weight=0.0, allowed_models=frozenset({"medium", "large"}), max_cost_usd=1e-6)
+    d = decide(ESTIMATES, prefs, C_REF)
+    assert d.model == "medium"
+    assert "cheapest allowed" in d.reason
+
+
+def test_ties_go_to_the_cheaper_model() -> None:
+    tied = [Estimate("dear", 0.5, 2e-4), Estimate("cheap", 0.5, 2e-4 - 1e-12)]
+    assert decide(tied, Preferences(cost_weight=0.0), C_REF).model == "cheap"
+
+
+@pytest.mark.parametrize("w", [-0.1, 1.5, float("nan")])
+def test_cost_weight_outside_unit_interval_is_refused(w: float) -> None:
+    with pytest.raises(ValueError, match="cost_weight"):
+        decide(ESTIMATES, Preferences(cost_weight=w), C_REF)
+
+
+def test_vectorised_choice_matches_per_request_decision() -> None:
+    """The evaluator's sweep and the service must make the same decisions."""
+    rng = np.random.default_rng(0)
+    quality, cost = rng.random((200, 5)), rng.random((200, 5)) * 1e-3
+    names = [f"m{j}" for j in range(5)]
+    for w in (0.0, 0.01, 0.3, 1.0):
+        picks = choose(quality, cost, w, C_REF)
+        for i in range(0, 200, 17):
+            est = [Estimate(n, float(quality[i, j]), float(cost[i, j])) for j, n in enumerate(names)]
+            assert decide(est, Preferences(cost_weight=w), C_REF).model == names[picks[i]]
