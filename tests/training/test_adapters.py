@@ -124,7 +124,7 @@ def test_routerbench_bad_tables_are_refused(real_rows, tmp_path: Path) -> None:
     bad = wide.copy()
     bad.loc[0, "Yi-6B"] = 7.0
     bad.to_csv(tmp_path / "b.csv", index=False)
-    with pytest.raises(TableError, match="score must be a number in 0..1"):
+    with pytest.raises(TableError, match=r"score must be a number in 0\.\.1"):
         load_routerbench(tmp_path / "b.csv", prices)
     bad = wide.copy()
     bad.loc[0, "Yi-6B|total_cost"] = -1.0

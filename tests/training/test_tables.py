@@ -53,14 +53,14 @@ def test_validation_is_carved_from_train_reproducibly(data_dir: Path) -> None:
 
 def test_missing_column_is_named(data_dir: Path, tmp_path: Path) -> None:
     p, o, m = _copy(data_dir, tmp_path)
-    with pytest.raises(TableError, match="missing column.*score"):
+    with pytest.raises(TableError, match=r"missing column.*score"):
         load_table(_write(tmp_path, p, o.drop(columns=["score"]), m))
 
 
 def test_score_outside_unit_interval_is_refused(data_dir: Path, tmp_path: Path) -> None:
     p, o, m = _copy(data_dir, tmp_path)
     o.loc[3, "score"] = 1.5
-    with pytest.raises(TableError, match="score must be a number in 0..1"):
+    with pytest.raises(TableError, match=r"score must be a number in 0\.\.1"):
         load_table(_write(tmp_path, p, o, m))
 
 
