@@ -1,0 +1,147 @@
+"""The `router` command as a user runs it: train, predict, eval, route, serve, convert."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROUTER = [sys.executable, "-m", "router.cli"]
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*ROUTER, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+
+
+@pytest.fixture(scope="module")
+def small_table(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real dcrouter rows: 600 train and 200 test prompts, in the canonical layout."""
+    src = data_dir / "dcrouter"
+    prompts = pd.read_parquet(src / "prompts.parquet")
+    prompts = pd.concat(
+        [
+            prompts[prompts.split == "train"].sample(600, random_state=0),
+            prompts[prompts.split == "test"].sample(200, random_state=0),
+        ]
+    )
+    outcomes = pd.read_parquet(src / "outcomes.parquet")
+    out = tmp_path_factory.mktemp("tables") / "dcrouter_small"
+    out.mkdir()
+    prompts.to_parquet(out / "prompts.parquet")
+    outcomes[outcomes.prompt_id.isin(prompts.prompt_id)].to_parquet(out / "outcomes.parquet")
+    shutil.copy(src / "models.csv", out / "models.csv")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(small_table: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    bundle = tmp_path_factory.mktemp("cli") / "bundle"
+    result = run("train", "--data", str(small_table), "--out", str(bundle))
+    assert result.returncode == 0, result.stderr
+    assert "written to" in result.stdout and "stage seconds" in result.stdout
+    return bundle
+
+
+def test_train_writes_a_bundle_for_the_table(trained: Path) -> None:
+    manifest = json.loads((trained / "manifest.json").read_text())
+    assert manifest["bundle_version"].startswith("dcrouter_small-")
+    assert len(manifest["models"]) == 9
+    # dcrouter publishes no output token counts: costs are input-only, and the manifest says so
+    assert not any(m["output_tokens_known"] for m in manifest["models"])
+
+
+def test_predict_writes_every_prompt_model_pair(trained: Path, small_table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred.parquet"
+    result = run(
+        "predict", "--bundle", str(trained), "--data", str(small_table), "--split", "test", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_parquet(out)
+    assert list(frame.columns) == ["prompt_id", "model", "quality", "cost_usd"]
+    assert len(frame) == 200 * 9
+    assert frame["quality"].between(0, 1).all() and (frame["cost_usd"] > 0).all()
+    # dcrouter cost is input tokens x price: the estimate should be close to the table's
+    outcomes = pd.read_parquet(small_table / "outcomes.parquet")
+    merged = frame.merge(outcomes, on=["prompt_id", "model"], suffixes=("", "_true"))
+    rel = (merged.cost_usd - merged.cost_usd_true).abs().sum() / merged.cost_usd_true.sum()
+    assert rel < 0.15
+
+
+def test_eval_reports_router_beside_knn(trained: Path, small_table: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    result = run(
+        "eval",
+        "--bundle",
+        str(trained),
+        "--data",
+        str(small_table),
+        "--split",
+        "test",
+        "--report",
+        str(report),
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((report / "metrics.json").read_text())
+    for who in ("router", "knn"):
+        f = figures[who]
+        assert f["aiq_zero"] < f["aiq_oracle"]
+        assert {
+            "gap_closed",
+            "quality_at_10pct_cost",
+            "quality_at_30pct_cost",
+            "cost_to_match_best",
+            "quality_at_w0",
+            "calibration",
+            "random",
+            "single_models",
+        } <= set(f)
+    assert figures["knn"]["k"] in (4, 8, 16, 32, 64, 128, 256)
+    assert (report / "curve.png").stat().st_size > 10_000
+    text = (report / "report.md").read_text()
+    assert "gap closed" in text and "kNN reference" in text
+
+
+def test_route_from_a_bundle(small_bundle: Path) -> None:
+    result = run(
+        "route",
+        "What is the derivative of x^3?",
+        "--bundle",
+        str(small_bundle),
+        "--json",
+        "--cost-weight",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    best = max(decision["estimates"], key=lambda e: e["quality"])
+    assert decision["model"] == best["model"]
+
+
+def test_route_through_a_running_server(server) -> None:
+    result = run("route", "Name three noble gases.", "--server", server.address, "--preset", "cost-10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("model:") and "bundle_version: mmlu_pro-" in result.stdout
+
+
+def test_user_errors_are_one_line_and_exit_2(small_bundle: Path, tmp_path: Path) -> None:
+    cases = [
+        (("route", "  ", "--bundle", str(small_bundle)), "prompt: must not be empty"),
+        (("route", "hi", "--bundle", str(small_bundle), "--cost-weight", "3"), "cost_weight"),
+        (("route", "hi", "--bundle", str(tmp_path)), "no manifest.json"),
+        (("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "b")), "no such directory"),
+        (("serve", "--bundle", str(tmp_path / "nope")), "does not exist"),
+        (("serve", "--bundle", str(small_bundle), "--port", "70000"), "port"),
+    ]
+    for args, message in cases:
+        result = run(*args, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
