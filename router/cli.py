@@ -199,6 +199,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from router.bench import format_report, run_bench, write_json
+
+    result = run_bench(
+        args.server,
+        args.metrics_url,
+        Path(args.bundle),
+        Path(args.data),
+        n_prompts=args.prompts,
+        concurrency=tuple(args.concurrency),
+        calls_per_level=args.calls,
+        threads=args.threads,
+        soak=args.soak,
+    )
+    print(format_report(result))
+    if args.json:
+        write_json(result, Path(args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="router", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--report", required=True, help="output directory for metrics.json, curve.png, report.md")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="benchmark a running server against the raw embedder (prints figures)")
+    p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--metrics-url", default="http://localhost:9090/metrics", help="the server's /metrics")
+    p.add_argument(
+        "--bundle", required=True, help="the bundle the server serves (its embedder is timed alone)"
+    )
+    p.add_argument("--data", required=True, help="routing table whose test prompts are sent")
+    p.add_argument("--prompts", type=int, default=256, help="distinct prompts used")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--calls", type=int, default=512, help="calls per concurrency level")
+    p.add_argument("--threads", type=int, default=0, help="embedder threads, as the server's --threads")
+    p.add_argument("--soak", type=int, default=0, help="then this many calls at c=32, reporting RSS growth")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -7,7 +7,7 @@ The dashboards and alert rules in deploy/ query exactly these names (a contract 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Latency buckets from 0.5 ms to 2.5 s: the embedder alone takes milliseconds on a CPU.
 LATENCY_BUCKETS = (
@@ -40,6 +40,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes & co., read by `router bench`
         self.requests = Counter(
             "router_requests", "gRPC calls by method and status code.", ["method", "code"], registry=r
         )

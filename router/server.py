@@ -54,7 +54,12 @@ class RouterServer:
         self.metrics = metrics or Metrics()
         self.limits = limits_of(settings)
         self.service = RouterService(
-            settings.bundle, self.limits, self.metrics, provider=settings.provider, threads=settings.threads
+            settings.bundle,
+            self.limits,
+            self.metrics,
+            provider=settings.provider,
+            threads=settings.threads,
+            log_prompts=settings.log_prompts,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -143,15 +148,19 @@ class RouterServer:
         self.service.stop_accepting()
         started = time.perf_counter()
         drained = await self.service.drain(grace)
-        if not drained:
+        if drained:
+            log.info("drained in %.2f s", time.perf_counter() - started)
+        else:
             log.warning("grace period over with calls still in flight")
         if self._watch is not None:
             self._watch.cancel()
         if self._server is not None:
             await self._server.stop(max(grace - (time.perf_counter() - started), 0.0))
+        log.info("gRPC server stopped after %.2f s", time.perf_counter() - started)
         await self.service.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
+        log.info("shut down after %.2f s", time.perf_counter() - started)
         self._stopped.set()
 
     async def wait(self) -> None:

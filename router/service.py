@@ -123,9 +123,17 @@ def validate(query: RouteQuery, estimator: Estimator, limits: Limits) -> Prefere
 
 class RouterService:
     def __init__(
-        self, bundle_path: Path, limits: Limits, metrics: Metrics, *, provider: str, threads: int
+        self,
+        bundle_path: Path,
+        limits: Limits,
+        metrics: Metrics,
+        *,
+        provider: str,
+        threads: int,
+        log_prompts: bool = False,
     ) -> None:
         self.bundle_path = Path(bundle_path)
+        self.log_prompts = log_prompts
         self.limits = limits
         self.metrics = metrics
         self.provider = provider
@@ -231,6 +239,8 @@ class RouterService:
             self.metrics.in_flight.set(self._in_flight)
             if self._in_flight == 0:
                 self._idle.set()
+        if self.log_prompts:  # opt-in only: prompts may hold secrets or personal data
+            log.info("routed prompt %r -> %s", query.prompt[:2000], result.decision.model)
         self.metrics.decisions.labels(model=result.decision.model).inc()
         chosen = next(s for s in result.decision.scored if s.estimate.model == result.decision.model)
         self.metrics.predicted_spend.labels(model=result.decision.model).inc(chosen.estimate.cost_usd)

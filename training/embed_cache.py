@@ -64,6 +64,7 @@ class EmbeddingCache:
                     con.commit()
                     for (key, _), vec in zip(rows, vecs, strict=True):
                         found[key] = vec
+                    log.info("embedded %d / %d", min(start + chunk, len(todo)), len(todo))
                 log.info("embedded %d prompts in %.1f s", len(todo), time.perf_counter() - started)
         finally:
             con.close()

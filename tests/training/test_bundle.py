@@ -46,7 +46,7 @@ def test_flipped_byte_in_an_onnx_file_is_refused(bundle_copy: Path) -> None:
     data = bytearray(heads.read_bytes())
     data[len(data) // 2] ^= 0xFF
     heads.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="heads.onnx.*sha256 mismatch"):
+    with pytest.raises(BundleError, match=r"heads\.onnx.*sha256 mismatch"):
         load_bundle(bundle_copy)
 
 
@@ -54,13 +54,13 @@ def test_corrupt_onnx_with_a_matching_checksum_is_refused(bundle_copy: Path) -> 
     heads = bundle_copy / "heads.onnx"
     heads.write_bytes(b"not an onnx graph")
     _edit_manifest(bundle_copy, lambda m: m["files"].update({"heads.onnx": file_sha256(heads)}))
-    with pytest.raises(BundleError, match="heads.onnx: not a loadable ONNX model"):
+    with pytest.raises(BundleError, match=r"heads\.onnx: not a loadable ONNX model"):
         load_bundle(bundle_copy)
 
 
 def test_missing_file_is_refused(bundle_copy: Path) -> None:
     (bundle_copy / "embedder" / "tokenizer.json").unlink()
-    with pytest.raises(BundleError, match="tokenizer.json' is listed in the manifest but missing"):
+    with pytest.raises(BundleError, match=r"tokenizer\.json' is listed in the manifest but missing"):
         load_bundle(bundle_copy)
 
 
@@ -112,5 +112,5 @@ def test_unknown_format_version_and_broken_manifest_are_refused(bundle_copy: Pat
 
 def test_manifest_field_errors_name_the_field(bundle_copy: Path) -> None:
     _edit_manifest(bundle_copy, lambda m: m["policy"].update({"c_ref_usd": -1}))
-    with pytest.raises(BundleError, match="invalid manifest at policy.c_ref_usd"):
+    with pytest.raises(BundleError, match=r"invalid manifest at policy\.c_ref_usd"):
         load_bundle(bundle_copy)

@@ -1,0 +1,191 @@
+"""`router bench`: serving speed and memory against a running server, beside the raw embedder.
+
+A benchmark, not a test: it prints figures (and optionally writes JSON) measured in one run, so
+ratios between them are meaningful on a shared, noisy machine:
+
+1. the raw embedder (the bundle's own ONNX encoder and tokenizer, in this process, while the
+   server is idle): single-prompt latency, and the best throughput over length-sorted batches;
+2. Route p50 / p99 at concurrency 1 on the same prompts;
+3. Route throughput and p99 at 8, 32 and 128 concurrent clients;
+4. the server's resident memory before and after (from its /metrics endpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from router.bundle import load_bundle
+from router.v1 import router_pb2, router_pb2_grpc
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    calls: int
+    errors: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def throughput(self) -> float:
+        return self.calls / self.seconds
+
+
+def load_prompts(data_dir: Path, n: int, seed: int = 0) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(data_dir) / "prompts.parquet", columns=["prompt", "split"]).to_pydict()
+    prompts = [p for p, s in zip(table["prompt"], table["split"], strict=True) if s == "test"]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q))
+
+
+def raw_embedder(bundle_dir: Path, prompts: list[str], threads: int) -> dict:
+    """The embedder alone (tokenize + encoder), as the server runs it, one prompt and in batches."""
+    embedder = load_bundle(bundle_dir, provider="auto", threads=threads).embedder
+    embedder.embed(prompts[:8])  # warm-up
+    single = []
+    for text in prompts:
+        started = time.perf_counter()
+        embedder.embed([text])
+        single.append(time.perf_counter() - started)
+    throughput = {}
+    for size in BATCH_SIZES:
+        started = time.perf_counter()
+        embedder.embed(prompts, batch_size=size)
+        throughput[size] = len(prompts) / (time.perf_counter() - started)
+    best = max(throughput, key=lambda k: throughput[k])
+    return {
+        "provider": embedder.provider,
+        "single_p50_ms": _percentile(single, 50),
+        "single_p99_ms": _percentile(single, 99),
+        "throughput_by_batch": throughput,
+        "best_batch": best,
+        "best_throughput": throughput[best],
+    }
+
+
+async def _drive(
+    address: str, prompts: list[str], concurrency: int, calls: int, timeout: float
+) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(calls))
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+
+        async def client() -> None:
+            nonlocal errors
+            for i in counter:
+                request = router_pb2.RouteRequest(prompt=prompts[i % len(prompts)])
+                started = time.perf_counter()
+                try:
+                    await stub.Route(request, timeout=timeout)
+                    latencies.append(time.perf_counter() - started)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return LoadResult(
+        concurrency, len(latencies), errors, elapsed, _percentile(latencies, 50), _percentile(latencies, 99)
+    )
+
+
+def server_rss_mb(metrics_url: str) -> float | None:
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    except OSError:
+        return None
+    match = re.search(r"^process_resident_memory_bytes ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) / 2**20 if match else None
+
+
+def run_bench(
+    server: str,
+    metrics_url: str,
+    bundle_dir: Path,
+    data_dir: Path,
+    n_prompts: int = 256,
+    concurrency: Sequence[int] = (8, 32, 128),
+    calls_per_level: int = 512,
+    threads: int = 0,
+    soak: int = 0,
+) -> dict:
+    prompts = load_prompts(data_dir, n_prompts)
+    result: dict = {"server": server, "prompts": len(prompts), "data": str(data_dir)}
+    result["rss_before_mb"] = server_rss_mb(metrics_url)
+    result["embedder"] = raw_embedder(bundle_dir, prompts, threads)
+    # Warm the server's connection and buffers before timing it.
+    asyncio.run(_drive(server, prompts, 4, 64, 30.0))
+    c1 = asyncio.run(_drive(server, prompts, 1, len(prompts), 30.0))
+    result["route_c1"] = c1.__dict__ | {"throughput": c1.throughput}
+    result["route_concurrent"] = []
+    for level in concurrency:
+        r = asyncio.run(_drive(server, prompts, level, max(calls_per_level, 2 * level), 60.0))
+        result["route_concurrent"].append(r.__dict__ | {"throughput": r.throughput})
+    if soak:
+        result["rss_before_soak_mb"] = server_rss_mb(metrics_url)
+        s = asyncio.run(_drive(server, prompts, 32, soak, 60.0))
+        result["soak"] = s.__dict__ | {"throughput": s.throughput}
+    result["rss_after_mb"] = server_rss_mb(metrics_url)
+    emb = result["embedder"]
+    result["ratios"] = {
+        "route_p50_c1_over_embedder_single_p50": c1.p50_ms / emb["single_p50_ms"],
+        **{
+            f"throughput_c{r['concurrency']}_over_embedder_best": r["throughput"] / emb["best_throughput"]
+            for r in result["route_concurrent"]
+        },
+    }
+    return result
+
+
+def format_report(r: dict) -> str:
+    emb = r["embedder"]
+    lines = [
+        f"prompts: {r['prompts']} from {r['data']} (test split); embedder provider {emb['provider']}",
+        f"raw embedder: single p50 {emb['single_p50_ms']:.2f} ms, p99 {emb['single_p99_ms']:.2f} ms; "
+        f"best batched {emb['best_throughput']:.1f} prompts/s (batch {emb['best_batch']})",
+        "  by batch size: " + ", ".join(f"{k}: {v:.1f}/s" for k, v in emb["throughput_by_batch"].items()),
+        f"Route c=1: p50 {r['route_c1']['p50_ms']:.2f} ms, p99 {r['route_c1']['p99_ms']:.2f} ms "
+        f"({r['route_c1']['throughput']:.1f}/s)",
+    ]
+    for c in r["route_concurrent"]:
+        lines.append(
+            f"Route c={c['concurrency']}: {c['throughput']:.1f} calls/s, p50 {c['p50_ms']:.1f} ms, "
+            f"p99 {c['p99_ms']:.1f} ms, errors {c['errors']}"
+        )
+    if "soak" in r:
+        s = r["soak"]
+        lines.append(
+            f"soak: {s['calls']} calls at c=32, {s['throughput']:.1f}/s, errors {s['errors']}, "
+            f"RSS {r['rss_before_soak_mb']:.1f} -> {r['rss_after_mb']:.1f} MB "
+            f"({100 * (r['rss_after_mb'] / r['rss_before_soak_mb'] - 1):+.2f}%)"
+        )
+    lines.append(f"server RSS: before {r['rss_before_mb']} MB, after {r['rss_after_mb']} MB")
+    lines.append("ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in r["ratios"].items()))
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")

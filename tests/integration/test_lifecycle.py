@@ -1,0 +1,268 @@
+"""Bundle swaps under traffic, refused bad bundles, graceful SIGTERM, overload and deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.v1 import router_pb2, router_pb2_grpc
+from tests.helpers import router_stub, running_server
+
+PROMPT = "Which gas makes up most of the Earth's atmosphere?"
+LONG_PROMPT = "Explain, step by step, how a compiler turns source code into machine code. " * 30
+
+
+def _variant(bundle: Path, target: Path, version: str) -> Path:
+    """A copy of a real bundle under another version name (the manifest is not checksummed)."""
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["bundle_version"] = version
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _point(link: Path, target: Path) -> None:
+    """Atomic symlink swap, as an operator (or a Kubernetes volume update) does it."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def _wait_for_version(stub: router_pb2_grpc.RouterStub, version: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).bundle_version == version:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"server never switched to {version}")
+
+
+class Traffic:
+    """Clients calling Route in a loop on their own threads, recording every outcome."""
+
+    def __init__(self, address: str, clients: int, prompt: str = PROMPT) -> None:
+        self.address = address
+        self.prompt = prompt
+        self.results: list[tuple[float, float, grpc.StatusCode, str]] = []  # start, end, code, version
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = stub.Route(router_pb2.RouteRequest(prompt=self.prompt), timeout=30)
+                    outcome = (started, time.monotonic(), grpc.StatusCode.OK, r.bundle_version)
+                except grpc.RpcError as exc:
+                    outcome = (started, time.monotonic(), exc.code(), "")
+                with self._lock:
+                    self.results.append(outcome)
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def test_bundle_swap_under_traffic_loses_no_call(small_bundle: Path, tmp_path: Path) -> None:
+    old = _variant(small_bundle, tmp_path / "v1", "swap-test-v1")
+    new = _variant(small_bundle, tmp_path / "v2", "swap-test-v2")
+    current = tmp_path / "current"
+    _point(current, old)
+    with running_server(bundle=current, bundle_poll_s=0.2) as srv, router_stub(srv.address) as stub:
+        _wait_for_version(stub, "swap-test-v1")
+        with Traffic(srv.address, clients=4) as traffic:
+            time.sleep(1.0)
+            _point(current, new)
+            _wait_for_version(stub, "swap-test-v2")
+            time.sleep(1.0)
+        codes = {code for _, _, code, _ in traffic.results}
+        versions = [v for _, _, _, v in sorted(traffic.results)]
+        assert codes == {grpc.StatusCode.OK}, codes
+        assert versions[0] == "swap-test-v1" and versions[-1] == "swap-test-v2"
+        # once switched, it stays switched
+        first_new = versions.index("swap-test-v2")
+        assert set(versions[first_new:]) == {"swap-test-v2"}
+
+
+def _flip_byte(bundle: Path) -> None:
+    path = bundle / "heads.onnx"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _drop_file(bundle: Path) -> None:
+    (bundle / "embedder" / "tokenizer.json").unlink()
+
+
+def _extra_model(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["models"].append(
+        {
+            "name": "phantom",
+            "input_usd_per_mtok": 1.0,
+            "output_usd_per_mtok": 1.0,
+            "output_tokens_known": True,
+        }
+    )
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _metric(srv, name: str, labels: str) -> float:
+    import urllib.request
+
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{srv.server.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(small_bundle: Path, tmp_path: Path) -> None:
+    good = _variant(small_bundle, tmp_path / "good", "faults-good")
+    current = tmp_path / "current"
+    _point(current, good)
+    with running_server(bundle=current, bundle_poll_s=0.1) as srv, router_stub(srv.address) as stub:
+        _wait_for_version(stub, "faults-good")
+        for i, fault in enumerate((_flip_byte, _drop_file, _extra_model)):
+            bad = _variant(small_bundle, tmp_path / f"bad{i}", f"faults-bad{i}")
+            fault(bad)
+            _point(current, bad)
+            deadline = time.monotonic() + 30
+            while _metric(srv, "router_bundle_loads_total", 'result="failure"') < i + 1:
+                assert time.monotonic() < deadline, f"fault {fault.__name__} was never looked at"
+                time.sleep(0.1)
+            response = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10)
+            assert response.bundle_version == "faults-good", fault.__name__
+        # a good bundle after the bad ones is still taken
+        _point(current, _variant(small_bundle, tmp_path / "good2", "faults-good2"))
+        _wait_for_version(stub, "faults-good2")
+
+
+def test_sigterm_drains_accepted_calls_then_exits(small_bundle: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--bundle",
+            str(small_bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--metrics-host",
+            "127.0.0.1",
+            "--grace-period-s",
+            "20",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = None
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            found = re.search(r"gRPC listening on 127\.0\.0\.1:(\d+)", line)
+            port = port or (found and int(found.group(1)))
+            if "SERVING" in line:
+                break
+        assert port, "server did not report its port"
+        with Traffic(f"127.0.0.1:{port}", clients=12, prompt=LONG_PROMPT) as traffic:
+            deadline = time.monotonic() + 30
+            while len(traffic.results) < 12 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sigterm_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        stderr_tail = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = [r for r in traffic.results if r[0] < sigterm_at]
+    in_flight = [r for r in before if r[1] > sigterm_at]
+    assert len(before) > 12
+    # calls the server had accepted before SIGTERM all completed, including the ones it drained
+    assert {code for _, _, code, _ in before if code != grpc.StatusCode.UNAVAILABLE} == {grpc.StatusCode.OK}
+    assert sum(1 for r in in_flight if r[2] == grpc.StatusCode.OK) >= 1
+    # what came after was refused: UNAVAILABLE from the router, or CANCELLED by gRPC for calls that
+    # arrived in the instant the transport closed
+    after = {code for start, _, code, _ in traffic.results if start >= sigterm_at}
+    assert after <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    assert "Traceback" not in stderr_tail
+
+
+def test_overload_sheds_excess_calls_at_once(small_bundle: Path) -> None:
+    with running_server(bundle=small_bundle, max_in_flight=4) as srv:
+        barrier = threading.Barrier(24)
+        outcomes: list[tuple[grpc.StatusCode, float]] = []
+        lock = threading.Lock()
+
+        def call() -> None:
+            with grpc.insecure_channel(srv.address) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                stub.ListModels(router_pb2.ListModelsRequest(), timeout=10)  # connect before the race
+                barrier.wait()
+                started = time.monotonic()
+                try:
+                    stub.Route(router_pb2.RouteRequest(prompt=LONG_PROMPT), timeout=30)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                with lock:
+                    outcomes.append((code, time.monotonic() - started))
+
+        threads = [threading.Thread(target=call) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        codes = [c for c, _ in outcomes]
+        shed = [dt for c, dt in outcomes if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert codes.count(grpc.StatusCode.OK) >= 4
+        assert len(shed) >= 8
+        assert max(shed) < 0.5  # refused at once, not after queueing
+        # and the server is fine afterwards
+        with router_stub(srv.address) as stub:
+            assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10).model
+
+
+def test_expired_deadlines_free_their_slot(small_bundle: Path) -> None:
+    with running_server(bundle=small_bundle, max_in_flight=2) as srv, router_stub(srv.address) as stub:
+        for _ in range(10):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Route(router_pb2.RouteRequest(prompt=LONG_PROMPT), timeout=0.002)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5
+        while srv.server.service._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.service._in_flight == 0
+        # with only 2 slots, 10 abandoned calls would block this one if slots leaked
+        assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10).model

@@ -1,0 +1,1 @@
+"""Deployment and observability: what deploy/ ships matches what the service does and exports."""
