@@ -145,3 +145,45 @@ def test_user_errors_are_one_line_and_exit_2(small_bundle: Path, tmp_path: Path)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def _faulty(small_bundle: Path, tmp_path: Path, fault: str) -> Path:
+    from router.embedder import file_sha256
+
+    bundle = tmp_path / fault
+    shutil.copytree(small_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    heads = bundle / "heads.onnx"
+    if fault == "corrupt_onnx":
+        heads.write_bytes(b"\x08\x07garbage")
+        manifest["files"]["heads.onnx"] = file_sha256(heads)
+    elif fault == "checksum_mismatch":
+        data = bytearray(heads.read_bytes())
+        data[-10] ^= 0x10
+        heads.write_bytes(bytes(data))
+    elif fault == "path_escape":
+        manifest["heads"]["file"] = "../heads.onnx"
+        manifest["files"]["../heads.onnx"] = manifest["files"].pop("heads.onnx")
+    elif fault == "missing_file":
+        (bundle / "embedder" / "embedder.onnx").unlink()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return bundle
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("corrupt_onnx", "heads.onnx: not a loadable ONNX model"),
+        ("checksum_mismatch", "file 'heads.onnx': sha256 mismatch"),
+        ("path_escape", "path '../heads.onnx' escapes the bundle directory"),
+        ("missing_file", "file 'embedder/embedder.onnx' is listed in the manifest but missing"),
+    ],
+)
+def test_serve_refuses_a_faulty_bundle_at_start_up(
+    small_bundle: Path, tmp_path: Path, fault: str, message: str
+) -> None:
+    bundle = _faulty(small_bundle, tmp_path, fault)
+    result = run("serve", "--bundle", str(bundle), "--port", "0", "--metrics-port", "0", timeout=120)
+    assert result.returncode == 2
+    assert "refused" in result.stderr and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

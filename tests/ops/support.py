@@ -174,7 +174,6 @@ def run_prometheus(config: Path, workdir: Path) -> Iterator[Prometheus]:
                 f"--config.file={config}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}",
-                "--web.enable-lifecycle",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -60,7 +60,7 @@ INVALID_REQUESTS = (
 )
 # What Grafana would put in for its built-in variables on a dashboard showing the last minutes:
 # windows wide enough to hold every scrape since the test began (the scrape interval is 1 s).
-GRAFANA_BUILTINS = {"__rate_interval": "30s", "__interval": "5s", "__range": "5m", "__range_s": "300"}
+GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "5s", "__range": "5m", "__range_s": "300"}
 SCRAPE_INTERVAL = "1s"
 
 
