@@ -32,6 +32,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("queue", "embed", "heads", "policy")
+ROUTER_METHODS = ("/router.v1.Router/Route", "/router.v1.Router/ListModels", "/router.v1.Router/Info")
 
 
 class Metrics:
@@ -42,7 +43,11 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co., read by `router bench`
         self.requests = Counter(
-            "router_requests", "gRPC calls by method and status code.", ["method", "code"], registry=r
+            "router_requests",
+            "Unary gRPC calls by method and status code (health checks included; streaming calls, "
+            "such as health Watch, are not counted).",
+            ["method", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
             "router_request_duration_seconds",
@@ -72,6 +77,11 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge("router_in_flight", "Route calls admitted and not yet answered.", registry=r)
+        self.max_in_flight = Gauge(
+            "router_max_in_flight",
+            "The in-flight limit: beyond it Route answers RESOURCE_EXHAUSTED.",
+            registry=r,
+        )
         self.bundle_info = Gauge(
             "router_bundle_info", "The active bundle (value 1).", ["version", "precision"], registry=r
         )
@@ -94,6 +104,10 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        # Series exist from the start, so the first call after a restart is already a rate increase.
+        for method in ROUTER_METHODS:
+            self.requests.labels(method=method, code="OK")
+            self.request_seconds.labels(method=method)
         for result in ("success", "failure"):
             self.bundle_loads.labels(result=result)
 

@@ -53,6 +53,7 @@ class RouterServer:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.limits = limits_of(settings)
+        self.metrics.max_in_flight.set(settings.max_in_flight)
         self.service = RouterService(
             settings.bundle,
             self.limits,

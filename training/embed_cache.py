@@ -57,9 +57,9 @@ class EmbeddingCache:
                 log.info("embedding %d new prompts (%d cached)", len(todo), len(unique) - len(todo))
                 started = time.perf_counter()
                 for start in range(0, len(todo), chunk):
-                    part = todo[start : start + chunk]
-                    vecs = self.embedder.embed([texts[i] for i in part])
-                    rows = [(keys[i], v.tobytes()) for i, v in zip(part, vecs, strict=True)]
+                    batch = todo[start : start + chunk]
+                    vecs = self.embedder.embed([texts[i] for i in batch])
+                    rows = [(keys[i], v.tobytes()) for i, v in zip(batch, vecs, strict=True)]
                     con.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)", rows)
                     con.commit()
                     for (key, _), vec in zip(rows, vecs, strict=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -87,10 +88,10 @@ class _Binned:
         )
 
     @staticmethod
-    def labelled(base: object, y: np.ndarray) -> object:
+    def labelled(base: Any, y: np.ndarray) -> Any:
         observed = ~np.isnan(y)
-        data = base if observed.all() else base.subset(np.nonzero(observed)[0]).construct()  # type: ignore[attr-defined]
-        data.set_label(y[observed])  # type: ignore[attr-defined]
+        data = base if observed.all() else base.subset(np.nonzero(observed)[0]).construct()
+        data.set_label(y[observed])
         return data
 
 

@@ -105,7 +105,7 @@ def ece(pred: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
     return float(total)
 
 
-def pair_metrics(advantage: np.ndarray, strong: np.ndarray, weak: np.ndarray) -> dict[str, float]:
+def pair_metrics(advantage: np.ndarray, strong: np.ndarray, weak: np.ndarray) -> dict[str, float | None]:
     """RouteLLM's APGR and CPT: send the prompts with the largest predicted advantage to the strong model.
 
     `advantage` ranks prompts; strong/weak are the observed scores of the two models.

