@@ -111,6 +111,74 @@ async def _drive(
     )
 
 
+def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
+    """Seconds from spawning `router serve` to health SERVING, and its RSS then (a fresh process)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port, metrics_port = _free_port(), _free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--bundle",
+            str(bundle_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--bundle-poll-s",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if time.perf_counter() - started > timeout or proc.poll() is not None:
+                    raise RuntimeError("the server did not become SERVING")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service="router.v1.Router"), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.02)
+        serving_s = time.perf_counter() - started
+        return {
+            "seconds_to_serving": serving_s,
+            "rss_at_serving_mb": server_rss_mb(f"http://127.0.0.1:{metrics_port}/metrics"),
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def server_rss_mb(metrics_url: str) -> float | None:
     try:
         text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
@@ -133,6 +201,7 @@ def run_bench(
 ) -> dict:
     prompts = load_prompts(data_dir, n_prompts)
     result: dict = {"server": server, "prompts": len(prompts), "data": str(data_dir)}
+    result["startup"] = [measure_startup(bundle_dir) for _ in range(3)]
     result["rss_before_mb"] = server_rss_mb(metrics_url)
     result["embedder"] = raw_embedder(bundle_dir, prompts, threads)
     # Warm the server's connection and buffers before timing it.
@@ -181,7 +250,12 @@ def format_report(r: dict) -> str:
             f"RSS {r['rss_before_soak_mb']:.1f} -> {r['rss_after_mb']:.1f} MB "
             f"({100 * (r['rss_after_mb'] / r['rss_before_soak_mb'] - 1):+.2f}%)"
         )
-    lines.append(f"server RSS: before {r['rss_before_mb']} MB, after {r['rss_after_mb']} MB")
+    lines.append(
+        "start-up to SERVING (fresh process, 3 runs): "
+        + ", ".join(f"{s['seconds_to_serving']:.2f} s" for s in r["startup"])
+        + f"; RSS then {r['startup'][0]['rss_at_serving_mb']:.1f} MB"
+    )
+    lines.append(f"server RSS: before {r['rss_before_mb']:.1f} MB, after {r['rss_after_mb']:.1f} MB")
     lines.append("ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in r["ratios"].items()))
     return "\n".join(lines)
 

@@ -35,8 +35,8 @@ class Estimator:
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedPrompt]:
         return self.bundle.embedder.tokenize(texts)
 
-    def embed(self, tokens: Sequence[TokenizedPrompt]) -> np.ndarray:
-        return self.bundle.embedder.embed_tokenized(tokens)
+    def embed(self, tokens: Sequence[TokenizedPrompt], batch_size: int = 32) -> np.ndarray:
+        return self.bundle.embedder.embed_tokenized(tokens, batch_size=batch_size)
 
     def estimate(
         self, texts: Sequence[str], tokens: Sequence[TokenizedPrompt], embeddings: np.ndarray

@@ -39,6 +39,7 @@ def limits_of(settings: ServeSettings) -> Limits:
         max_in_flight=settings.max_in_flight,
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
+        embed_batch_size=settings.embed_batch_size,
     )
 
 

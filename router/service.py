@@ -53,6 +53,7 @@ class Limits:
     max_in_flight: int
     max_batch_size: int
     max_batch_wait_s: float
+    embed_batch_size: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +262,7 @@ class RouterService:
             texts = [jobs[i].query.prompt for i in idx]
             t0 = time.perf_counter()
             tokens = estimator.tokenize(texts)
-            embeddings = estimator.embed(tokens)
+            embeddings = estimator.embed(tokens, self.limits.embed_batch_size)
             t1 = time.perf_counter()
             est = estimator.estimate(texts, tokens, embeddings)
             t2 = time.perf_counter()
