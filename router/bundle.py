@@ -197,7 +197,7 @@ def load_bundle(path: Path | str, *, provider: str = "auto", threads: int = 0) -
             provider=provider,
             threads=threads,
         )
-        heads = Heads(files[manifest.heads.file], provider=provider, threads=threads)
+        heads = Heads(files[manifest.heads.file])
     except (ValueError, OSError, RuntimeError) as exc:
         raise BundleError(str(exc)) from exc
     if embedder.sha256 != spec.sha256:

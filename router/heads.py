@@ -12,10 +12,10 @@ OUTPUTS = ("quality", "output_tokens")
 
 
 class Heads:
-    def __init__(self, path: Path, *, provider: str = "auto", threads: int = 0) -> None:
-        # Tree ensembles have no CUDA kernels (a GPU would only add copies), and a batch of them is
-        # too small to split across threads, whose spinning would then slow the encoder beside them.
-        del threads
+    def __init__(self, path: Path) -> None:
+        # On the CPU whatever the embedder uses: tree ensembles have no CUDA kernels (a GPU would
+        # only add copies), and a batch of them is too small to split across threads, whose
+        # spinning would then slow the encoder beside them.
         self._session = make_session(path, provider="cpu", threads=1)
         inputs = self._session.get_inputs()
         outputs = {o.name: o for o in self._session.get_outputs()}
