@@ -2,83 +2,38 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from router.client import channel
 from router.v1 import router_pb2, router_pb2_grpc
-from tests.helpers import running_server
+from tests.helpers import certificate, running_server, write_pem
 
 PROMPT = "How many moons does Mars have?"
 TOKEN = "s3cret-token-value-0123456789"
-
-
-def _pem(obj: object) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert(name: str, issuer: tuple | None, *, ca: bool, server: bool = False) -> tuple:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_name, issuer_key = (issuer[0].subject, issuer[1]) if issuer else (subject, key)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        import ipaddress
-
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256()), key
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA with a server and a client certificate, and a rogue CA with its own client."""
     root = tmp_path_factory.mktemp("pki")
-    ca = _cert("test-ca", None, ca=True)
-    rogue = _cert("rogue-ca", None, ca=True)
-    files = {
-        "ca": ca[0],
-        "server": _cert("localhost", ca, ca=False, server=True),
-        "client": _cert("client", ca, ca=False),
-        "rogue_ca": rogue[0],
-        "rogue_client": _cert("client", rogue, ca=False),
+    ca = certificate("test-ca", ca=True)
+    rogue = certificate("rogue-ca", ca=True)
+    pairs = {
+        "ca": ca,
+        "server": certificate("localhost", ca, ca=False),
+        "client": certificate("client", ca, ca=False),
+        "rogue_ca": rogue,
+        "rogue_client": certificate("client", rogue, ca=False),
     }
     paths: dict[str, Path] = {}
-    for name, value in files.items():
-        cert, key = value if isinstance(value, tuple) else (value, None)
-        paths[f"{name}.crt"] = root / f"{name}.crt"
-        paths[f"{name}.crt"].write_bytes(_pem(cert))
-        if key is not None:
-            paths[f"{name}.key"] = root / f"{name}.key"
-            paths[f"{name}.key"].write_bytes(_pem(key))
+    for stem, (cert, key) in pairs.items():
+        paths[f"{stem}.crt"], paths[f"{stem}.key"] = write_pem(cert, key, root, stem)
     return paths
 
 

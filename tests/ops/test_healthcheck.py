@@ -4,19 +4,13 @@ ROUTER_* variables as the server, and never hang."""
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from tests.helpers import ServerThread, running_server
+from tests.helpers import ServerThread, certificate, running_server, write_pem
 from tests.ops.support import DEPLOY, free_port
 
 PROBE = DEPLOY / "docker" / "healthcheck.py"
@@ -36,29 +30,8 @@ def _probe(env: dict[str, str], *args: str, timeout: float = 20) -> subprocess.C
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
+    cert, key = certificate("localhost", ca=True)
+    return write_pem(cert, key, directory, "server")
 
 
 def test_probe_is_healthy_on_the_port_from_router_port(server: ServerThread) -> None:
