@@ -1,91 +1,36 @@
 """Assembles every model's heads into one ONNX graph, so a batch needs one session call.
 
 Input `features` (batch x F, float32). Outputs `quality` (batch x models, clipped to 0..1) and
-`output_tokens` (batch x models, non-negative). Boosters are converted by onnxmltools; constant
-heads become a constant column.
+`output_tokens` (batch x models, non-negative). The graph is built from parts, each an ONNX model
+mapping `features` to a (batch x models) tensor: per-model LightGBM boosters (converted by
+onnxmltools), a torch module (exported by torch.onnx), or constants. Quality may be a weighted
+sum of several parts (an ensemble).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from training.heads import TrainedHeads
-
 INPUT = "features"
-# onnxmltools' LightGBM converter supports the default domain up to this opset.
-OPSET = 15
+# The default-domain opset of the assembled graph; parts made for a lower one (onnxmltools' LightGBM
+# converter stops at 15) use only operators unchanged since.
+OPSET = 17
+LIGHTGBM_OPSET = 15
 ML_OPSET = 1
 
 
-def _booster_graph(booster: object, n_features: int) -> onnx.ModelProto:
-    import onnxmltools
-    from onnxmltools.convert.common.data_types import FloatTensorType
-
-    return onnxmltools.convert_lightgbm(
-        booster, initial_types=[(INPUT, FloatTensorType([None, n_features]))], target_opset=OPSET
-    )
-
-
-def _column_nodes(head: object, n_features: int, prefix: str) -> tuple[list, list, str]:
-    """Nodes and initialisers computing one (batch x 1) column named `{prefix}out`."""
-    out = f"{prefix}out"
-    if isinstance(head, float):
-        zero = numpy_helper.from_array(np.zeros((n_features, 1), dtype=np.float32), f"{prefix}zero")
-        const = numpy_helper.from_array(np.array([head], dtype=np.float32), f"{prefix}const")
-        nodes = [
-            helper.make_node("MatMul", [INPUT, zero.name], [f"{prefix}z"]),
-            helper.make_node("Add", [f"{prefix}z", const.name], [out]),
-        ]
-        return nodes, [zero, const], out
-    sub = _booster_graph(head, n_features).graph
-    rename = {t: f"{prefix}{t}" for n in sub.node for t in n.output}
-    rename.update({i.name: f"{prefix}{i.name}" for i in sub.initializer})
-    rename[sub.output[0].name] = out
-    nodes = []
-    for node in sub.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{prefix}{node.name}"
-        copy.input[:] = [rename.get(t, t) for t in node.input]
-        copy.output[:] = [rename.get(t, t) for t in node.output]
-        nodes.append(copy)
-    inits = []
-    for init in sub.initializer:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(init)
-        copy.name = rename[init.name]
-        inits.append(copy)
-    return nodes, inits, out
-
-
-def heads_to_onnx(heads: TrainedHeads, n_features: int) -> onnx.ModelProto:
-    nodes: list = []
-    inits: list = []
-    outputs = {}
-    for kind, column_heads in (("quality", heads.quality), ("output_tokens", heads.output_tokens)):
-        columns = []
-        for j, head in enumerate(column_heads):
-            n, i, out = _column_nodes(head, n_features, f"{kind}_{j}_")
-            nodes += n
-            inits += i
-            columns.append(out)
-        nodes.append(helper.make_node("Concat", columns, [f"{kind}_raw"], axis=1))
-        outputs[kind] = f"{kind}_raw"
-    lo = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f")
-    hi = numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one_f")
-    inits += [lo, hi]
-    nodes.append(helper.make_node("Clip", ["quality_raw", "zero_f", "one_f"], ["quality"]))
-    nodes.append(helper.make_node("Relu", ["output_tokens_raw"], ["output_tokens"]))
-    m = len(heads.models)
+def _graph_model(nodes: list, inits: list, n_features: int, outputs: dict[str, int]) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "router_heads",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", n_features])],
         [
-            helper.make_tensor_value_info("quality", TensorProto.FLOAT, ["batch", m]),
-            helper.make_tensor_value_info("output_tokens", TensorProto.FLOAT, ["batch", m]),
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width])
+            for name, width in outputs.items()
         ],
         initializer=inits,
     )
@@ -95,5 +40,103 @@ def heads_to_onnx(heads: TrainedHeads, n_features: int) -> onnx.ModelProto:
         producer_name="cost-aware-router",
     )
     model.ir_version = 8
+    return model
+
+
+def _inline(part: onnx.ModelProto, prefix: str, output: str) -> tuple[list, list]:
+    """Nodes and initialisers of `part`, renamed under `prefix`, its input bound to `features` and its
+    single output renamed to `output`."""
+    graph = part.graph
+    (source_input,) = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
+    rename = {t: f"{prefix}{t}" for n in graph.node for t in n.output}
+    rename.update({i.name: f"{prefix}{i.name}" for i in graph.initializer})
+    rename[source_input] = INPUT
+    rename[graph.output[0].name] = output
+    nodes = []
+    for index, node in enumerate(graph.node):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{prefix}{node.name or index}"
+        copy.input[:] = [rename.get(t, t) if t else t for t in node.input]
+        copy.output[:] = [rename.get(t, t) for t in node.output]
+        nodes.append(copy)
+    inits = []
+    for init in graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = rename[init.name]
+        inits.append(copy)
+    return nodes, inits
+
+
+def _booster_graph(booster: object, n_features: int) -> onnx.ModelProto:
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    return onnxmltools.convert_lightgbm(
+        booster, initial_types=[(INPUT, FloatTensorType([None, n_features]))], target_opset=LIGHTGBM_OPSET
+    )
+
+
+def per_model_part(heads: Sequence[object], n_features: int) -> onnx.ModelProto:
+    """One column per model: a LightGBM booster, or a float constant where nothing could be learnt."""
+    nodes: list = []
+    inits: list = []
+    columns = []
+    for j, head in enumerate(heads):
+        out = f"col{j}"
+        if isinstance(head, float):
+            zero = numpy_helper.from_array(np.zeros((n_features, 1), dtype=np.float32), f"c{j}_zero")
+            const = numpy_helper.from_array(np.array([head], dtype=np.float32), f"c{j}_const")
+            nodes += [
+                helper.make_node("MatMul", [INPUT, zero.name], [f"c{j}_z"]),
+                helper.make_node("Add", [f"c{j}_z", const.name], [out]),
+            ]
+            inits += [zero, const]
+        else:
+            n, i = _inline(_booster_graph(head, n_features), f"c{j}_", out)
+            nodes += n
+            inits += i
+        columns.append(out)
+    nodes.append(helper.make_node("Concat", columns, ["columns"], axis=1))
+    return _graph_model(nodes, inits, n_features, {"columns": len(heads)})
+
+
+def assemble(
+    n_features: int,
+    n_models: int,
+    quality_parts: Sequence[tuple[onnx.ModelProto, float]],
+    output_tokens_part: onnx.ModelProto,
+) -> onnx.ModelProto:
+    """quality = clip(sum of weight x part, 0, 1); output_tokens = relu(part)."""
+    nodes: list = []
+    inits: list = []
+    terms = []
+    for k, (part, weight) in enumerate(quality_parts):
+        n, i = _inline(part, f"q{k}_", f"q{k}_out")
+        nodes += n
+        inits += i
+        w = numpy_helper.from_array(np.array(weight, dtype=np.float32), f"q{k}_weight")
+        inits.append(w)
+        nodes.append(helper.make_node("Mul", [f"q{k}_out", w.name], [f"q{k}_weighted"]))
+        terms.append(f"q{k}_weighted")
+    nodes.append(helper.make_node("Sum", terms, ["quality_raw"]))
+    n, i = _inline(output_tokens_part, "o_", "output_tokens_raw")
+    nodes += n
+    inits += i
+    inits += [
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one_f"),
+    ]
+    nodes.append(helper.make_node("Clip", ["quality_raw", "zero_f", "one_f"], ["quality"]))
+    nodes.append(helper.make_node("Relu", ["output_tokens_raw"], ["output_tokens"]))
+    model = _graph_model(nodes, inits, n_features, {"quality": n_models, "output_tokens": n_models})
     onnx.checker.check_model(model)
     return model
+
+
+def heads_to_onnx(heads: object, n_features: int) -> onnx.ModelProto:
+    """The default heads: per-model LightGBM quality and output-length boosters."""
+    quality = per_model_part(heads.quality, n_features)  # type: ignore[attr-defined]
+    out_tokens = per_model_part(heads.output_tokens, n_features)  # type: ignore[attr-defined]
+    return assemble(n_features, len(heads.models), [(quality, 1.0)], out_tokens)  # type: ignore[attr-defined]
