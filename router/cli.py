@@ -248,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a bundle on the train split of a routing table")
     p.add_argument("--data", required=True, help="routing table directory (canonical layout)")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument("--profile", default="default", choices=["default"])
+    p.add_argument(
+        "--profile",
+        default="default",
+        choices=["default", "quality"],
+        help="default: frozen encoder, minutes; "
+        "quality: encoder fine-tuned on the table (slower, uses a GPU if present)",
+    )
     p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="embedder precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")

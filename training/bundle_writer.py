@@ -20,12 +20,11 @@ from router.embedder import Embedder, file_sha256
 from router.features import FEATURE_VERSION, feature_names
 from router.pricing import TokenEstimator
 from training.embedder_export import ExportedEmbedder
-from training.heads import TrainedHeads
-from training.onnx_heads import heads_to_onnx
 from training.tables import RoutingTable
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-# LightGBM and its ONNX graph agree to float32 rounding; anything beyond this is a broken export.
+# The trained heads (torch, LightGBM) and their ONNX graph agree to float32 rounding; anything
+# beyond this is a broken export.
 PARITY_TOLERANCE = 1e-4
 
 
@@ -34,8 +33,10 @@ class BundleContents:
     table: RoutingTable
     embedder: Embedder
     exported: ExportedEmbedder
-    heads: TrainedHeads
-    n_features: int
+    heads_graph: onnx.ModelProto
+    heads_kind: str
+    # (features, quality, output tokens) as the trained heads predict them, for the parity check
+    reference: tuple[np.ndarray, np.ndarray, np.ndarray]
     token_estimator: TokenEstimator
     token_estimator_mae: float | None
     token_estimator_source: str
@@ -44,7 +45,6 @@ class BundleContents:
     presets: dict[str, dict]
     default_preset: str
     training: dict
-    check_features: np.ndarray
     fine_tuned: bool = False
 
 
@@ -55,8 +55,7 @@ def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) 
     (staging / "embedder").mkdir(parents=True)
     shutil.copyfile(c.exported.onnx_path, staging / "embedder" / "embedder.onnx")
     shutil.copyfile(c.exported.tokenizer_path, staging / "embedder" / "tokenizer.json")
-    graph = heads_to_onnx(c.heads, c.n_features)
-    onnx.save(graph, str(staging / "heads.onnx"))
+    onnx.save(c.heads_graph, str(staging / "heads.onnx"))
 
     created = datetime.now(timezone.utc)
     fingerprint = c.training["data_fingerprint"]
@@ -80,7 +79,7 @@ def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) 
             "fine_tuned": c.fine_tuned,
             "sha256": c.embedder.sha256,
         },
-        "heads": {"file": "heads.onnx", "kind": "lightgbm-per-model", "input": "features"},
+        "heads": {"file": "heads.onnx", "kind": c.heads_kind, "input": "features"},
         "features": {"version": FEATURE_VERSION, "names": feature_names(c.embedder.dim)},
         "models": [
             {
@@ -109,13 +108,14 @@ def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) 
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
     bundle = load_bundle(staging, provider="cpu")
-    q_onnx, o_onnx = bundle.heads.run(c.check_features.astype(np.float32))
-    q_lgb, o_lgb = c.heads.predict(c.check_features)
+    features, q_ref, o_ref = c.reference
+    q_onnx, o_onnx = bundle.heads.run(features.astype(np.float32))
+    q_ref, o_ref = np.clip(q_ref, 0.0, 1.0), np.maximum(o_ref, 0.0)
     worst = max(
-        float(np.abs(q_onnx - q_lgb).max()), float((np.abs(o_onnx - o_lgb) / np.maximum(o_lgb, 1)).max())
+        float(np.abs(q_onnx - q_ref).max()), float((np.abs(o_onnx - o_ref) / np.maximum(o_ref, 1)).max())
     )
     if worst > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX heads differ from LightGBM by {worst:.2g} (> {PARITY_TOLERANCE})")
+        raise RuntimeError(f"ONNX heads differ from the trained heads by {worst:.2g} (> {PARITY_TOLERANCE})")
 
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)

@@ -1,8 +1,8 @@
-"""Per-model LightGBM heads: one predicts the expected score, one the output length.
+"""Per-model LightGBM heads: one booster per model for one target.
 
-Quality: L2 regression on the observed score (fractional scores are common), clipped to 0..1 in
-the exported graph. Output length: Poisson regression (log link), so the prediction is a mean
-number of tokens, which is what an expected cost needs.
+The output-length head is Poisson regression (log link), so its prediction is a mean number of
+tokens, which is what an expected cost needs. Boosting rounds are chosen per model by early
+stopping on validation, then reused when refitting on all of `train`.
 """
 
 from __future__ import annotations
@@ -52,19 +52,17 @@ class HeadParams:
 
 
 @dataclass
-class TrainedHeads:
+class PerModelHeads:
     """Per model (in `models` order): a booster, or a constant where nothing could be learnt."""
 
+    objective: str
     models: list[str]
-    quality: list[object] = field(default_factory=list)
-    output_tokens: list[object] = field(default_factory=list)
-    rounds: dict[str, int] = field(default_factory=dict)
+    heads: list[object] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, features: np.ndarray) -> np.ndarray:
         """LightGBM's own predictions, for checking the ONNX export against."""
-        q = np.column_stack([_predict(h, features) for h in self.quality])
-        o = np.column_stack([_predict(h, features) for h in self.output_tokens])
-        return np.clip(q, 0.0, 1.0), np.maximum(o, 0.0)
+        return np.column_stack([_predict(h, features) for h in self.heads])
 
 
 def _predict(head: object, features: np.ndarray) -> np.ndarray:
@@ -79,7 +77,7 @@ class _Binned:
     def __init__(self, x: np.ndarray, x_val: np.ndarray, params: HeadParams) -> None:
         import lightgbm as lgb
 
-        config = params.lightgbm("regression")
+        config = params.lightgbm("regression")  # binning only: the objective is set per fit
         self.train = lgb.Dataset(x, label=np.zeros(len(x)), params=config, free_raw_data=False).construct()
         self.valid = (
             lgb.Dataset(x_val, label=np.zeros(len(x_val)), params=config, reference=self.train).construct()
@@ -123,40 +121,23 @@ def _fit_one(
     return booster, booster.best_iteration or params.max_rounds
 
 
-def fit_heads(
+def fit_per_model(
+    objective: str,
     models: list[str],
     x: np.ndarray,
-    score: np.ndarray,
-    out_tokens: np.ndarray,
+    y: np.ndarray,
     x_val: np.ndarray,
-    score_val: np.ndarray,
-    out_tokens_val: np.ndarray,
+    y_val: np.ndarray,
     params: HeadParams,
-    rounds: dict[str, int] | None = None,
-) -> TrainedHeads:
-    """Fits each model's heads on its observed rows; rounds come from validation unless given."""
-    heads = TrainedHeads(models)
+    rounds: list[int] | None = None,
+) -> PerModelHeads:
+    """Fits each model's booster on its observed rows; rounds come from validation unless given."""
+    out = PerModelHeads(objective, models)
     binned = _Binned(x, x_val, params)
-    for j, model in enumerate(models):
-        q, nq = _fit_one(
-            "regression",
-            binned,
-            score[:, j],
-            score_val[:, j],
-            params,
-            None if rounds is None else rounds[f"quality/{model}"],
+    for j in range(len(models)):
+        head, n = _fit_one(
+            objective, binned, y[:, j], y_val[:, j], params, None if rounds is None else rounds[j]
         )
-        o, no = _fit_one(
-            "poisson",
-            binned,
-            out_tokens[:, j],
-            out_tokens_val[:, j],
-            params,
-            None if rounds is None else rounds[f"output_tokens/{model}"],
-        )
-        heads.quality.append(q)
-        heads.output_tokens.append(o)
-        heads.rounds[f"quality/{model}"] = nq
-        heads.rounds[f"output_tokens/{model}"] = no
-        log.debug("heads for %s: %d quality rounds, %d output rounds", model, nq, no)
-    return heads
+        out.heads.append(head)
+        out.rounds.append(n)
+    return out

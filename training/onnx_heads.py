@@ -133,10 +133,3 @@ def assemble(
     model = _graph_model(nodes, inits, n_features, {"quality": n_models, "output_tokens": n_models})
     onnx.checker.check_model(model)
     return model
-
-
-def heads_to_onnx(heads: object, n_features: int) -> onnx.ModelProto:
-    """The default heads: per-model LightGBM quality and output-length boosters."""
-    quality = per_model_part(heads.quality, n_features)  # type: ignore[attr-defined]
-    out_tokens = per_model_part(heads.output_tokens, n_features)  # type: ignore[attr-defined]
-    return assemble(n_features, len(heads.models), [(quality, 1.0)], out_tokens)  # type: ignore[attr-defined]

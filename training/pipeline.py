@@ -1,17 +1,25 @@
 """`router train`: routing table -> embeddings -> heads -> presets -> verified bundle.
 
 Each stage is timed; the durations go into the manifest and docs/BENCHMARKS.md. Validation is
-carved out of `train` (never `test`): it picks the number of boosting rounds and calibrates the
-presets, then the heads are refitted on all of `train` with those round counts.
+carved out of `train` (never `test`): it picks the boosting rounds of the output-length heads,
+measures the heads and calibrates the presets; then the heads are refitted on all of `train`.
+
+Profiles:
+- `default`: the frozen all-MiniLM-L6-v2 encoder (int8), the quality blend (MLP ensemble and
+  neighbour memory) and LightGBM output-length heads. Minutes on a 2-core CPU.
+- `quality`: the same heads on an encoder whose top layers were fine-tuned on the table's
+  routing labels (on the fit part of `train`; validation stays unseen). Uses a GPU when present.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +28,15 @@ from router.bundle import Manifest
 from router.embedder import Embedder
 from router.features import build_features, extra_features
 from router.policy import choose
+from router.pricing import Prices
 from training.bundle_writer import BundleContents, write_bundle
 from training.embed_cache import EmbeddingCache
-from training.embedder_export import cached_export
-from training.heads import HeadParams, fit_heads
+from training.embedder_export import ExportedEmbedder, base_model_dir, cached_export
+from training.finetune import FinetuneParams, finetune
+from training.heads import HeadParams, fit_per_model
 from training.metrics import W_GRID, evaluate
+from training.onnx_heads import assemble, per_model_part
+from training.quality_model import BlendParams, QualityBlend
 from training.settings import TrainSettings
 from training.tables import RoutingTable, carve_validation, complete_rows, load_table
 from training.targets import build_targets, fit_token_estimator
@@ -34,6 +46,20 @@ log = logging.getLogger(__name__)
 # Named operating points: target mean cost as a fraction of the most accurate single model's.
 PRESET_COST_FRACTIONS = {"cost-10": 0.10, "cost-30": 0.30, "cost-50": 0.50}
 DEFAULT_PRESET = "cost-30"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    blend: BlendParams = field(default_factory=BlendParams)
+    output_heads: HeadParams = field(default_factory=HeadParams)
+    finetune: FinetuneParams | None = None
+
+
+PROFILES = {
+    "default": Profile("default"),
+    "quality": Profile("quality", finetune=FinetuneParams()),
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +89,6 @@ class StageTimer:
 class Featurized:
     """A table's prompts turned into head features through the one feature code path."""
 
-    table: RoutingTable
     features: np.ndarray
     word_pieces: np.ndarray
     chars: np.ndarray
@@ -72,13 +97,17 @@ class Featurized:
 def featurize(table: RoutingTable, embedder: Embedder, cache: EmbeddingCache) -> Featurized:
     texts = list(table.prompts["prompt"])
     tokens = embedder.tokenize(texts)
-    embeddings = cache.embed(texts)
-    features = build_features(embeddings, extra_features(texts, tokens, embedder.max_tokens))
+    features = build_features(cache.embed(texts), extra_features(texts, tokens, embedder.max_tokens))
     return Featurized(
-        table,
         features,
         np.array([t.full_tokens for t in tokens], dtype=float),
         np.array([len(t) for t in texts], dtype=float),
+    )
+
+
+def table_prices(table: RoutingTable) -> Prices:
+    return Prices.from_rows(
+        list(table.prices[["model", "input_usd_per_mtok", "output_usd_per_mtok"]].itertuples(index=False))
     )
 
 
@@ -104,11 +133,52 @@ def calibrate_presets(
     return presets
 
 
+def _embedder_for(
+    profile: Profile,
+    config: TrainConfig,
+    settings: TrainSettings,
+    table: RoutingTable,
+    is_val: np.ndarray,
+    timer: StageTimer,
+) -> tuple[ExportedEmbedder, Embedder, EmbeddingCache]:
+    """The bundle's embedder: the base encoder, or (quality profile) one fine-tuned on the fit part."""
+    with timer.stage("embedder"):
+        exported = cached_export(settings.cache_dir, precision=config.precision)
+        embedder = Embedder(exported.onnx_path, exported.tokenizer_path, threads=settings.threads)
+        cache = EmbeddingCache(settings.cache_dir, embedder)
+    if profile.finetune is None:
+        return exported, embedder, cache
+    params = profile.finetune
+    fit = table.subset(table.prompts["prompt_id"][~is_val])
+    key = hashlib.sha256(
+        json.dumps([fit.fingerprint(), asdict(params), exported.directory.name], default=str).encode()
+    ).hexdigest()[:16]
+    tuned_dir = settings.cache_dir / "finetuned" / key
+    texts = list(fit.prompts["prompt"])
+    with timer.stage("embed_frozen"):
+        frozen = cache.embed(texts)
+    with timer.stage("finetune"):
+        if not (tuned_dir / "config.json").exists():
+            staging = tuned_dir.with_name(key + ".partial")
+            finetune(base_model_dir(), embedder.tokenize(texts), fit.matrix("score"), frozen, params, staging)
+            staging.rename(tuned_dir)
+        else:
+            log.info("fine-tuned encoder %s found in the cache", key)
+    with timer.stage("export_finetuned"):
+        exported = cached_export(settings.cache_dir, model_dir=tuned_dir, precision=config.precision)
+        embedder = Embedder(exported.onnx_path, exported.tokenizer_path, threads=settings.threads)
+        cache = EmbeddingCache(settings.cache_dir, embedder)
+    return exported, embedder, cache
+
+
 def train_bundle(
     data_dir: Path, out_dir: Path, config: TrainConfig | None = None, settings: TrainSettings | None = None
 ) -> Manifest:
     config = config or TrainConfig()
     settings = settings or TrainSettings()
+    if config.profile not in PROFILES:
+        raise ValueError(f"unknown profile {config.profile!r}: use one of {', '.join(PROFILES)}")
+    profile = PROFILES[config.profile]
     timer = StageTimer()
     with timer.stage("load"):
         table = load_table(data_dir).split("train")
@@ -116,10 +186,8 @@ def train_bundle(
             keep = table.prompts.sample(n=config.max_prompts, random_state=config.seed)["prompt_id"]
             table = table.subset(keep)
         _, val_table = carve_validation(table, config.validation_fraction, config.seed)
-    with timer.stage("embedder"):
-        exported = cached_export(settings.cache_dir, precision=config.precision)
-        embedder = Embedder(exported.onnx_path, exported.tokenizer_path, threads=settings.threads)
-        cache = EmbeddingCache(settings.cache_dir, embedder)
+        is_val = table.prompts["prompt_id"].isin(set(val_table.prompts["prompt_id"])).to_numpy()
+    exported, embedder, cache = _embedder_for(profile, config, settings, table, is_val, timer)
     with timer.stage("embed"):
         full = featurize(table, embedder, cache)
     with timer.stage("targets"):
@@ -127,49 +195,54 @@ def train_bundle(
             full.word_pieces, full.chars, build_targets(table, full.word_pieces).input_tokens
         )
         targets = build_targets(table, est.estimate(full.word_pieces, full.chars))
-        is_val = table.prompts["prompt_id"].isin(set(val_table.prompts["prompt_id"])).to_numpy()
         c_ref = float(np.nanmean(np.nanmean(table.matrix("cost_usd"), axis=0)))
-    params = HeadParams(seed=config.seed)
+        prices = table_prices(table)
+    x, dim = full.features, embedder.dim
     with timer.stage("heads_validation"):
-        heads = fit_heads(
+        blend = QualityBlend.fit(x[~is_val], targets.score[~is_val], dim, profile.blend)
+        outputs = fit_per_model(
+            "poisson",
             table.models,
-            full.features[~is_val],
-            targets.score[~is_val],
+            x[~is_val],
             targets.output_tokens[~is_val],
-            full.features[is_val],
-            targets.score[is_val],
+            x[is_val],
             targets.output_tokens[is_val],
-            params,
+            profile.output_heads,
         )
-        q_val, o_val = heads.predict(full.features[is_val])
-        in_val = est.estimate(full.word_pieces[is_val], full.chars[is_val])
-        prices = _prices(table)
-        c_val = prices.cost_usd(in_val, o_val)
+        q_val = blend.predict(x[is_val])
+        c_val = prices.cost_usd(
+            est.estimate(full.word_pieces[is_val], full.chars[is_val]), outputs.predict(x[is_val])
+        )
         complete = complete_rows(val_table)
         val_score = val_table.matrix("score")[complete]
         val_cost = val_table.matrix("cost_usd")[complete]
         presets = calibrate_presets(q_val[complete], c_val[complete], val_score, val_cost, c_ref)
         val_eval = evaluate(table.models, val_score, val_cost, q_val[complete], c_val[complete], c_ref)
     with timer.stage("heads_refit"):
-        heads = fit_heads(
+        blend = QualityBlend.fit(x, targets.score, dim, profile.blend)
+        outputs = fit_per_model(
+            "poisson",
             table.models,
-            full.features,
-            targets.score,
+            x,
             targets.output_tokens,
-            full.features[:0],
-            targets.score[:0],
+            x[:0],
             targets.output_tokens[:0],
-            params,
-            rounds=heads.rounds,
+            profile.output_heads,
+            rounds=outputs.rounds,
         )
     with timer.stage("export"):
+        graph = assemble(
+            x.shape[1], len(table.models), [(blend.to_onnx(), 1.0)], per_model_part(outputs.heads, x.shape[1])
+        )
+        check = x[is_val][:64]
         f = val_eval.figures
         contents = BundleContents(
             table=table,
             embedder=embedder,
             exported=exported,
-            heads=heads,
-            n_features=full.features.shape[1],
+            heads_graph=graph,
+            heads_kind=HEADS_KIND,
+            reference=(check, blend.predict(check), outputs.predict(check)),
             token_estimator=est,
             token_estimator_mae=est_mae,
             token_estimator_source=est_source,
@@ -177,8 +250,9 @@ def train_bundle(
             c_ref=c_ref,
             presets=presets,
             default_preset=DEFAULT_PRESET,
+            fine_tuned=profile.finetune is not None,
             training={
-                "profile": config.profile,
+                "profile": profile.name,
                 "table": table.name,
                 "data_dir": str(data_dir),
                 "data_fingerprint": table.fingerprint(),
@@ -187,8 +261,8 @@ def train_bundle(
                 "outcome_rows": len(table.outcomes),
                 "validation_fraction": config.validation_fraction,
                 "seed": config.seed,
-                "head_params": params.__dict__,
-                "boosting_rounds": heads.rounds,
+                "profile_params": asdict(profile),
+                "output_head_rounds": dict(zip(table.models, outputs.rounds, strict=True)),
                 "validation_metrics": {
                     k: f[k] for k in ("aiq", "aiq_zero", "aiq_oracle", "gap_closed", "quality_at_w0")
                 }
@@ -197,16 +271,13 @@ def train_bundle(
                     "cost_mae_usd": f["calibration"]["cost_mae_usd"],
                 },
             },
-            check_features=full.features[is_val][:64],
         )
         manifest = write_bundle(out_dir, contents, timer.durations)
     log.info("bundle %s written to %s (stages: %s)", manifest.bundle_version, out_dir, timer.durations)
     return manifest
 
 
-def _prices(table: RoutingTable):
-    from router.pricing import Prices
-
-    return Prices.from_rows(
-        list(table.prices[["model", "input_usd_per_mtok", "output_usd_per_mtok"]].itertuples(index=False))
-    )
+HEADS_KIND = (
+    "quality: blend of an MLP ensemble and a k-nearest-neighbour mean, with a near-duplicate kernel; "
+    "output tokens: per-model LightGBM (Poisson)"
+)

@@ -10,8 +10,10 @@ import pytest
 
 from router.embedder import Embedder
 from training.embedder_export import base_model_dir, cached_export
-from training.heads import HeadParams, fit_heads
-from training.onnx_heads import heads_to_onnx
+from training.heads import HeadParams, fit_per_model
+from training.mlp_heads import MlpParams
+from training.onnx_heads import assemble, per_model_part
+from training.quality_model import BlendParams, QualityBlend
 from training.settings import TrainSettings
 from training.tables import load_table
 
@@ -73,24 +75,41 @@ def test_lightgbm_heads_and_their_onnx_graph_agree(data_dir: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(len(table.prompts), 24)).astype(np.float32)
     x[:, 0] = np.arange(len(x)) % 7  # a feature the heads can actually use
-    score = table.matrix("score")
-    out_tokens = rng.poisson(50, size=score.shape).astype(float)
+    out_tokens = rng.poisson(20 + 10 * (x[:, :1] % 3), size=(len(x), len(table.models))).astype(float)
     out_tokens[:, 0] = 0.0  # a constant head, exported as a constant column
     params = HeadParams(max_rounds=30, early_stopping_rounds=5)
-    heads = fit_heads(
-        table.models,
-        x[:4000],
-        score[:4000],
-        out_tokens[:4000],
-        x[4000:],
-        score[4000:],
-        out_tokens[4000:],
-        params,
+    heads = fit_per_model(
+        "poisson", table.models, x[:4000], out_tokens[:4000], x[4000:], out_tokens[4000:], params
     )
-    session = ort.InferenceSession(heads_to_onnx(heads, x.shape[1]).SerializeToString())
-    q_onnx, o_onnx = session.run(["quality", "output_tokens"], {"features": x[4000:]})
-    q_lgb, o_lgb = heads.predict(x[4000:])
-    assert q_onnx.shape == (len(x) - 4000, len(table.models))
-    assert np.abs(q_onnx - q_lgb).max() < 1e-5
+    part = per_model_part(heads.heads, x.shape[1])
+    session = ort.InferenceSession(
+        assemble(x.shape[1], len(table.models), [(part, 0.0)], part).SerializeToString()
+    )
+    _, o_onnx = session.run(["quality", "output_tokens"], {"features": x[4000:]})
+    o_lgb = heads.predict(x[4000:])
+    assert o_onnx.shape == (len(x) - 4000, len(table.models))
     assert np.abs(o_onnx - o_lgb).max() / o_lgb.max() < 1e-5
-    assert np.all(o_onnx[:, 0] == 0.0)
+    assert np.all(o_onnx[:, 0] == 0.0) and o_onnx[:, 1].std() > 0
+
+
+def test_quality_blend_and_its_onnx_graph_agree(data_dir: Path) -> None:
+    """MLP ensemble + neighbour memory + kernel, exported with torch.onnx, against torch itself."""
+    table = load_table(data_dir / "dcrouter").split("train")
+    exported = cached_export(TrainSettings().cache_dir, precision="int8")
+    texts = list(table.prompts["prompt"][:600])
+    emb = Embedder(exported.onnx_path, exported.tokenizer_path).embed(texts)
+    x = np.hstack([emb, np.ones((len(emb), 2), dtype=np.float32)])
+    score = table.matrix("score")[:600]
+    blend = QualityBlend.fit(
+        x[:500], score[:500], emb.shape[1], BlendParams(mlp=MlpParams(epochs=2, seeds=(0, 1)))
+    )
+    part = blend.to_onnx()
+    session = ort.InferenceSession(
+        assemble(x.shape[1], score.shape[1], [(part, 1.0)], part).SerializeToString()
+    )
+    q_onnx, _ = session.run(["quality", "output_tokens"], {"features": x[500:]})
+    assert np.abs(q_onnx - blend.predict(x[500:])).max() < 1e-5
+    # a training prompt asked again is pulled to its own observed outcomes by the kernel
+    again = blend.predict(x[:50])
+    observed = ~np.isnan(score[:50])
+    assert np.abs(again - np.nan_to_num(score[:50]))[observed].mean() < 0.3
