@@ -48,7 +48,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy router
+	$(BIN)/mypy router training
 
 clean:
 	rm -rf $(VENV) build *.egg-info router/v1/*_pb2*.py router/v1/*_pb2*.pyi

@@ -11,9 +11,13 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def fit_quality_mlp(x: np.ndarray, score: np.ndarray, params: MlpParams, seed: i
 class QualityEnsemble:
     """Several seeds of the MLP, averaged in probability space."""
 
-    def __init__(self, nets: Sequence[object], n_features: int) -> None:
+    def __init__(self, nets: Sequence[torch.nn.Module], n_features: int) -> None:
         self.nets = list(nets)
         self.n_features = n_features
 
@@ -85,8 +89,9 @@ class QualityEnsemble:
     def fit(cls, x: np.ndarray, score: np.ndarray, params: MlpParams) -> QualityEnsemble:
         return cls([fit_quality_mlp(x, score, params, seed) for seed in params.seeds], x.shape[1])
 
-    def module(self):
-        torch = _torch()
+    def module(self) -> torch.nn.Module:
+        import torch
+
         nets = self.nets
 
         class Averaged(torch.nn.Module):

@@ -48,6 +48,11 @@ def _module(
     fallback = np.nanmean(score, axis=0)
 
     class Blend(torch.nn.Module):
+        memory: torch.Tensor
+        scores: torch.Tensor
+        observed: torch.Tensor
+        fallback: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.mlp = ensemble.module()
@@ -105,7 +110,7 @@ class QualityBlend:
             torch.onnx.export(
                 self._module,
                 (torch.zeros((2, self.n_features), dtype=torch.float32),),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # torch accepts a file-like object
                 dynamo=False,
                 input_names=["features"],
                 output_names=["quality"],
