@@ -50,5 +50,15 @@ lint:
 typecheck:
 	$(BIN)/mypy router training
 
+# A benchmark, not a test: serves $(BUNDLE) on spare ports and measures it (docs/BENCHMARKS.md).
+# BENCH_ARGS passes more options, e.g. BENCH_ARGS="--soak 100000 --json reports/bench.json".
+BENCH_DATA ?= $(DATA)/mmlu_pro
+BENCH_ARGS ?=
+bench: $(BUNDLE)/manifest.json
+	@$(BIN)/router serve --bundle $(BUNDLE) --host 127.0.0.1 --port 50071 --metrics-port 9171 \
+	  --bundle-poll-s 0 & server=$$!; trap "kill $$server" EXIT; \
+	$(BIN)/router bench --server 127.0.0.1:50071 --metrics-url http://127.0.0.1:9171/metrics \
+	  --bundle $(BUNDLE) --data $(BENCH_DATA) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info router/v1/*_pb2*.py router/v1/*_pb2*.pyi

@@ -18,7 +18,7 @@ import random
 import re
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,8 +118,6 @@ def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
     import subprocess
     import sys
 
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     port, metrics_port = _free_port(), _free_port()
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -146,18 +144,7 @@ def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
         env=os.environ.copy(),
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if time.perf_counter() - started > timeout or proc.poll() is not None:
-                    raise RuntimeError("the server did not become SERVING")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service="router.v1.Router"), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.02)
+        wait_serving(f"127.0.0.1:{port}", started + timeout, lambda: proc.poll() is None)
         serving_s = time.perf_counter() - started
         return {
             "seconds_to_serving": serving_s,
@@ -169,6 +156,24 @@ def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def wait_serving(address: str, deadline: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Polls gRPC health until the router reports SERVING (by perf_counter `deadline`)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if time.perf_counter() > deadline or not alive():
+                raise RuntimeError(f"the server at {address} did not become SERVING")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service="router.v1.Router"), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.02)
 
 
 def _free_port() -> int:
@@ -201,6 +206,7 @@ def run_bench(
 ) -> dict:
     prompts = load_prompts(data_dir, n_prompts)
     result: dict = {"server": server, "prompts": len(prompts), "data": str(data_dir)}
+    wait_serving(server, time.perf_counter() + 120.0)
     result["startup"] = [measure_startup(bundle_dir) for _ in range(3)]
     result["rss_before_mb"] = server_rss_mb(metrics_url)
     result["embedder"] = raw_embedder(bundle_dir, prompts, threads)

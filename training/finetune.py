@@ -180,7 +180,7 @@ def finetune(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
             count += len(rows)
         log.info(
             "fine-tune: epoch %d/%d, loss %.4f, %.0f s",
