@@ -150,9 +150,7 @@ def _route_remote(args: argparse.Namespace) -> dict[str, Any]:
 def _train(args: argparse.Namespace) -> int:
     from training.pipeline import TrainConfig, train_bundle
 
-    config = TrainConfig(
-        profile=args.profile, precision=args.precision, seed=args.seed, max_prompts=args.max_prompts
-    )
+    config = TrainConfig(precision=args.precision, seed=args.seed, max_prompts=args.max_prompts)
     manifest = train_bundle(Path(args.data), Path(args.out), config)
     metrics = manifest.training["validation_metrics"]
     print(f"bundle {manifest.bundle_version} written to {args.out}")
@@ -248,13 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a bundle on the train split of a routing table")
     p.add_argument("--data", required=True, help="routing table directory (canonical layout)")
     p.add_argument("--out", required=True, help="bundle directory to write")
-    p.add_argument(
-        "--profile",
-        default="default",
-        choices=["default", "quality"],
-        help="default: frozen encoder, minutes; "
-        "quality: encoder fine-tuned on the table (slower, uses a GPU if present)",
-    )
     p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="embedder precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")

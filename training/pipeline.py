@@ -4,22 +4,19 @@ Each stage is timed; the durations go into the manifest and docs/BENCHMARKS.md. 
 carved out of `train` (never `test`): it picks the boosting rounds of the output-length heads,
 measures the heads and calibrates the presets; then the heads are refitted on all of `train`.
 
-Profiles:
-- `default`: the frozen all-MiniLM-L6-v2 encoder (int8), the quality blend (MLP ensemble and
-  neighbour memory) and LightGBM output-length heads. Minutes on a 2-core CPU.
-- `quality`: the same heads on an encoder whose top layers were fine-tuned on the table's
-  routing labels (on the fit part of `train`; validation stays unseen). Uses a GPU when present.
+The prompt is represented by the frozen all-MiniLM-L6-v2 encoder (int8 by default). Quality comes
+from the blend of an MLP ensemble and a neighbour memory (training/quality_model.py), output
+lengths from per-model LightGBM. Fine-tuning the encoder on the routing labels was measured and
+did not pay for itself (docs/BENCHMARKS.md), so there is one configuration.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +28,7 @@ from router.policy import choose
 from router.pricing import Prices
 from training.bundle_writer import BundleContents, write_bundle
 from training.embed_cache import EmbeddingCache
-from training.embedder_export import ExportedEmbedder, base_model_dir, cached_export
-from training.finetune import FinetuneParams, finetune
+from training.embedder_export import cached_export
 from training.heads import HeadParams, fit_per_model
 from training.metrics import W_GRID, evaluate
 from training.onnx_heads import assemble, per_model_part
@@ -48,23 +44,13 @@ PRESET_COST_FRACTIONS = {"cost-10": 0.10, "cost-30": 0.30, "cost-50": 0.50}
 DEFAULT_PRESET = "cost-30"
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    blend: BlendParams = field(default_factory=BlendParams)
-    output_heads: HeadParams = field(default_factory=HeadParams)
-    finetune: FinetuneParams | None = None
-
-
-PROFILES = {
-    "default": Profile("default"),
-    "quality": Profile("quality", finetune=FinetuneParams()),
-}
+# One configuration for every table: chosen on validation carved from `train` (docs/BENCHMARKS.md).
+BLEND = BlendParams()
+OUTPUT_HEADS = HeadParams()
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    profile: str = "default"
     precision: str = "int8"
     validation_fraction: float = 0.15
     seed: int = 0
@@ -133,52 +119,11 @@ def calibrate_presets(
     return presets
 
 
-def _embedder_for(
-    profile: Profile,
-    config: TrainConfig,
-    settings: TrainSettings,
-    table: RoutingTable,
-    is_val: np.ndarray,
-    timer: StageTimer,
-) -> tuple[ExportedEmbedder, Embedder, EmbeddingCache]:
-    """The bundle's embedder: the base encoder, or (quality profile) one fine-tuned on the fit part."""
-    with timer.stage("embedder"):
-        exported = cached_export(settings.cache_dir, precision=config.precision)
-        embedder = Embedder(exported.onnx_path, exported.tokenizer_path, threads=settings.threads)
-        cache = EmbeddingCache(settings.cache_dir, embedder)
-    if profile.finetune is None:
-        return exported, embedder, cache
-    params = profile.finetune
-    fit = table.subset(table.prompts["prompt_id"][~is_val])
-    key = hashlib.sha256(
-        json.dumps([fit.fingerprint(), asdict(params), exported.directory.name], default=str).encode()
-    ).hexdigest()[:16]
-    tuned_dir = settings.cache_dir / "finetuned" / key
-    texts = list(fit.prompts["prompt"])
-    with timer.stage("embed_frozen"):
-        frozen = cache.embed(texts)
-    with timer.stage("finetune"):
-        if not (tuned_dir / "config.json").exists():
-            staging = tuned_dir.with_name(key + ".partial")
-            finetune(base_model_dir(), embedder.tokenize(texts), fit.matrix("score"), frozen, params, staging)
-            staging.rename(tuned_dir)
-        else:
-            log.info("fine-tuned encoder %s found in the cache", key)
-    with timer.stage("export_finetuned"):
-        exported = cached_export(settings.cache_dir, model_dir=tuned_dir, precision=config.precision)
-        embedder = Embedder(exported.onnx_path, exported.tokenizer_path, threads=settings.threads)
-        cache = EmbeddingCache(settings.cache_dir, embedder)
-    return exported, embedder, cache
-
-
 def train_bundle(
     data_dir: Path, out_dir: Path, config: TrainConfig | None = None, settings: TrainSettings | None = None
 ) -> Manifest:
     config = config or TrainConfig()
     settings = settings or TrainSettings()
-    if config.profile not in PROFILES:
-        raise ValueError(f"unknown profile {config.profile!r}: use one of {', '.join(PROFILES)}")
-    profile = PROFILES[config.profile]
     timer = StageTimer()
     with timer.stage("load"):
         table = load_table(data_dir).split("train")
@@ -187,7 +132,10 @@ def train_bundle(
             table = table.subset(keep)
         _, val_table = carve_validation(table, config.validation_fraction, config.seed)
         is_val = table.prompts["prompt_id"].isin(set(val_table.prompts["prompt_id"])).to_numpy()
-    exported, embedder, cache = _embedder_for(profile, config, settings, table, is_val, timer)
+    with timer.stage("embedder"):
+        exported = cached_export(settings.cache_dir, precision=config.precision)
+        embedder = Embedder(exported.onnx_path, exported.tokenizer_path, threads=settings.threads)
+        cache = EmbeddingCache(settings.cache_dir, embedder)
     with timer.stage("embed"):
         full = featurize(table, embedder, cache)
     with timer.stage("targets"):
@@ -199,7 +147,7 @@ def train_bundle(
         prices = table_prices(table)
     x, dim = full.features, embedder.dim
     with timer.stage("heads_validation"):
-        blend = QualityBlend.fit(x[~is_val], targets.score[~is_val], dim, profile.blend)
+        blend = QualityBlend.fit(x[~is_val], targets.score[~is_val], dim, BLEND)
         outputs = fit_per_model(
             "poisson",
             table.models,
@@ -207,7 +155,7 @@ def train_bundle(
             targets.output_tokens[~is_val],
             x[is_val],
             targets.output_tokens[is_val],
-            profile.output_heads,
+            OUTPUT_HEADS,
         )
         q_val = blend.predict(x[is_val])
         c_val = prices.cost_usd(
@@ -219,7 +167,7 @@ def train_bundle(
         presets = calibrate_presets(q_val[complete], c_val[complete], val_score, val_cost, c_ref)
         val_eval = evaluate(table.models, val_score, val_cost, q_val[complete], c_val[complete], c_ref)
     with timer.stage("heads_refit"):
-        blend = QualityBlend.fit(x, targets.score, dim, profile.blend)
+        blend = QualityBlend.fit(x, targets.score, dim, BLEND)
         outputs = fit_per_model(
             "poisson",
             table.models,
@@ -227,7 +175,7 @@ def train_bundle(
             targets.output_tokens,
             x[:0],
             targets.output_tokens[:0],
-            profile.output_heads,
+            OUTPUT_HEADS,
             rounds=outputs.rounds,
         )
     with timer.stage("export"):
@@ -250,9 +198,7 @@ def train_bundle(
             c_ref=c_ref,
             presets=presets,
             default_preset=DEFAULT_PRESET,
-            fine_tuned=profile.finetune is not None,
             training={
-                "profile": profile.name,
                 "table": table.name,
                 "data_dir": str(data_dir),
                 "data_fingerprint": table.fingerprint(),
@@ -261,7 +207,7 @@ def train_bundle(
                 "outcome_rows": len(table.outcomes),
                 "validation_fraction": config.validation_fraction,
                 "seed": config.seed,
-                "profile_params": asdict(profile),
+                "heads_params": {"quality": asdict(BLEND), "output_tokens": asdict(OUTPUT_HEADS)},
                 "output_head_rounds": dict(zip(table.models, outputs.rounds, strict=True)),
                 "validation_metrics": {
                     k: f[k] for k in ("aiq", "aiq_zero", "aiq_oracle", "gap_closed", "quality_at_w0")
