@@ -167,9 +167,9 @@ def markdown_report(f: dict) -> str:
     ]
     if min(r["quality_at_10pct_cost"], k["quality_at_10pct_cost"]) == 0.0:
         lines[-1:-1] = [
+            "",
             "A quality of 0 at a cost fraction means no operating point is that cheap (METRICS.md: the "
             "curve is 0 before its first point).",
-            "",
         ]
     if "pair" in r:
         p, kp = r["pair"], k["pair"]
