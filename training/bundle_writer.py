@@ -45,7 +45,6 @@ class BundleContents:
     presets: dict[str, dict]
     default_preset: str
     training: dict
-    fine_tuned: bool = False
 
 
 def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) -> Manifest:
@@ -76,7 +75,7 @@ def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) 
             "pooling": "mean",
             "normalized": True,
             "base_model": BASE_MODEL,
-            "fine_tuned": c.fine_tuned,
+            "fine_tuned": False,
             "sha256": c.embedder.sha256,
         },
         "heads": {"file": "heads.onnx", "kind": c.heads_kind, "input": "features"},
