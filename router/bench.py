@@ -4,10 +4,14 @@ A benchmark, not a test: it prints figures (and optionally writes JSON) measured
 ratios between them are meaningful on a shared, noisy machine:
 
 1. the raw embedder (the bundle's own ONNX encoder and tokenizer, in this process, while the
-   server is idle): single-prompt latency, and the best throughput over length-sorted batches;
-2. Route p50 / p99 at concurrency 1 on the same prompts;
-3. Route throughput and p99 at 8, 32 and 128 concurrent clients;
-4. the server's resident memory before and after (from its /metrics endpoint).
+   server is idle): single-prompt latency, and throughput per batch size, to find the best;
+2. Route p50 / p99 at concurrency 1, alternating prompt by prompt with the raw embedder;
+3. Route throughput and p99 at 8, 32 and 128 concurrent clients, in rounds alternating with the
+   raw embedder at its best batch size;
+4. the server's resident memory before and after (from its /metrics endpoint), and start-up time.
+
+The ratios use the alternated measurements: the machine's speed drifts within a run (it is shared),
+and alternating makes the drift hit both sides of a ratio alike.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import grpc
 import numpy as np
 
 from router.bundle import load_bundle
+from router.embedder import Embedder
 from router.v1 import router_pb2, router_pb2_grpc
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -58,9 +63,8 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000.0, q))
 
 
-def raw_embedder(bundle_dir: Path, prompts: list[str], threads: int) -> dict:
+def raw_embedder(embedder: Embedder, prompts: list[str]) -> dict:
     """The embedder alone (tokenize + encoder), as the server runs it, one prompt and in batches."""
-    embedder = load_bundle(bundle_dir, provider="auto", threads=threads).embedder
     embedder.embed(prompts[:8])  # warm-up
     single = []
     for text in prompts:
@@ -83,9 +87,10 @@ def raw_embedder(bundle_dir: Path, prompts: list[str], threads: int) -> dict:
     }
 
 
-async def _drive(
+async def _drive_raw(
     address: str, prompts: list[str], concurrency: int, calls: int, timeout: float
-) -> LoadResult:
+) -> tuple[list[float], int, float]:
+    """`calls` Route calls from `concurrency` clients: (latencies, errors, elapsed seconds)."""
     latencies: list[float] = []
     errors = 0
     counter = iter(range(calls))
@@ -106,9 +111,65 @@ async def _drive(
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    return latencies, errors, elapsed
+
+
+def _drive(address: str, prompts: list[str], concurrency: int, calls: int, timeout: float) -> LoadResult:
+    latencies, errors, elapsed = asyncio.run(_drive_raw(address, prompts, concurrency, calls, timeout))
     return LoadResult(
         concurrency, len(latencies), errors, elapsed, _percentile(latencies, 50), _percentile(latencies, 99)
     )
+
+
+def paired_single(embedder: Embedder, address: str, prompts: list[str]) -> tuple[LoadResult, list[float]]:
+    """Route at c=1 and the raw embedder on the same prompt, alternately, so that the machine's
+    drift (it is shared) hits both sides of the ratio alike. Returns Route's result and raw times."""
+    raw: list[float] = []
+    route: list[float] = []
+    errors = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for text in prompts:
+            started = time.perf_counter()
+            embedder.embed([text])
+            raw.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            try:
+                stub.Route(router_pb2.RouteRequest(prompt=text), timeout=30.0)
+                route.append(time.perf_counter() - started)
+            except grpc.RpcError:
+                errors += 1
+    result = LoadResult(1, len(route), errors, sum(route), _percentile(route, 50), _percentile(route, 99))
+    return result, raw
+
+
+def paired_throughput(
+    embedder: Embedder,
+    batch: int,
+    address: str,
+    prompts: list[str],
+    concurrency: int,
+    calls: int,
+    rounds: int = 3,
+) -> tuple[LoadResult, float]:
+    """Route at `concurrency` and the raw embedder at its best batch size, in alternating rounds.
+    Returns Route's result and the raw embedder's throughput over the same rounds."""
+    raw_seconds = 0.0
+    latencies: list[float] = []
+    errors = 0
+    seconds = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        embedder.embed(prompts, batch_size=batch)
+        raw_seconds += time.perf_counter() - started
+        lat, err, elapsed = asyncio.run(_drive_raw(address, prompts, concurrency, calls // rounds, 60.0))
+        latencies += lat
+        errors += err
+        seconds += elapsed
+    route = LoadResult(
+        concurrency, len(latencies), errors, seconds, _percentile(latencies, 50), _percentile(latencies, 99)
+    )
+    return route, rounds * len(prompts) / raw_seconds
 
 
 def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
@@ -209,25 +270,31 @@ def run_bench(
     wait_serving(server, time.perf_counter() + 120.0)
     result["startup"] = [measure_startup(bundle_dir) for _ in range(3)]
     result["rss_before_mb"] = server_rss_mb(metrics_url)
-    result["embedder"] = raw_embedder(bundle_dir, prompts, threads)
-    # Warm the server's connection and buffers before timing it.
-    asyncio.run(_drive(server, prompts, 4, 64, 30.0))
-    c1 = asyncio.run(_drive(server, prompts, 1, len(prompts), 30.0))
+    embedder = load_bundle(bundle_dir, provider="auto", threads=threads).embedder
+    result["embedder"] = raw_embedder(embedder, prompts)
+    best = result["embedder"]["best_batch"]
+    _drive(server, prompts, 4, 64, 30.0)  # warm the server's connection and buffers
+    c1, raw_single = paired_single(embedder, server, prompts)
     result["route_c1"] = c1.__dict__ | {"throughput": c1.throughput}
+    result["paired_embedder_single_p50_ms"] = _percentile(raw_single, 50)
     result["route_concurrent"] = []
     for level in concurrency:
-        r = asyncio.run(_drive(server, prompts, level, max(calls_per_level, 2 * level), 60.0))
-        result["route_concurrent"].append(r.__dict__ | {"throughput": r.throughput})
+        r, raw_throughput = paired_throughput(
+            embedder, best, server, prompts, level, max(calls_per_level, 2 * level)
+        )
+        result["route_concurrent"].append(
+            r.__dict__ | {"throughput": r.throughput, "paired_embedder_throughput": raw_throughput}
+        )
     if soak:
         result["rss_before_soak_mb"] = server_rss_mb(metrics_url)
-        s = asyncio.run(_drive(server, prompts, 32, soak, 60.0))
+        s = _drive(server, prompts, 32, soak, 60.0)
         result["soak"] = s.__dict__ | {"throughput": s.throughput}
     result["rss_after_mb"] = server_rss_mb(metrics_url)
-    emb = result["embedder"]
     result["ratios"] = {
-        "route_p50_c1_over_embedder_single_p50": c1.p50_ms / emb["single_p50_ms"],
+        "route_p50_c1_over_embedder_single_p50": c1.p50_ms / result["paired_embedder_single_p50_ms"],
         **{
-            f"throughput_c{r['concurrency']}_over_embedder_best": r["throughput"] / emb["best_throughput"]
+            f"throughput_c{r['concurrency']}_over_embedder_best": r["throughput"]
+            / r["paired_embedder_throughput"]
             for r in result["route_concurrent"]
         },
     }
@@ -242,12 +309,14 @@ def format_report(r: dict) -> str:
         f"best batched {emb['best_throughput']:.1f} prompts/s (batch {emb['best_batch']})",
         "  by batch size: " + ", ".join(f"{k}: {v:.1f}/s" for k, v in emb["throughput_by_batch"].items()),
         f"Route c=1: p50 {r['route_c1']['p50_ms']:.2f} ms, p99 {r['route_c1']['p99_ms']:.2f} ms "
-        f"({r['route_c1']['throughput']:.1f}/s)",
+        f"({r['route_c1']['throughput']:.1f}/s); raw embedder alternating with it: p50 "
+        f"{r['paired_embedder_single_p50_ms']:.2f} ms",
     ]
     for c in r["route_concurrent"]:
         lines.append(
             f"Route c={c['concurrency']}: {c['throughput']:.1f} calls/s, p50 {c['p50_ms']:.1f} ms, "
-            f"p99 {c['p99_ms']:.1f} ms, errors {c['errors']}"
+            f"p99 {c['p99_ms']:.1f} ms, errors {c['errors']}; raw embedder (batch {emb['best_batch']}) "
+            f"alternating with it: {c['paired_embedder_throughput']:.1f} prompts/s"
         )
     if "soak" in r:
         s = r["soak"]

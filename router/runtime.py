@@ -43,9 +43,10 @@ def make_session(path: Path, *, provider: str = "auto", threads: int = 0) -> Any
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Idle ONNX Runtime workers spin by default; on a small CPU box that steals the cores the gRPC
-    # event loop needs between batches (measured: Route at c=32 went from 0.65-0.78x to 0.86-0.90x
-    # of the raw embedder's best throughput on the 2-core machine with spinning off).
+    # Idle ONNX Runtime workers spin by default; on a small, shared CPU box that steals the cores
+    # the gRPC event loop needs between batches. Measured on the 2-core machine under load, Route at
+    # c=32 over the raw embedder's best throughput went from 0.65-0.78 to 0.86-0.90 with spinning
+    # off; on a quiet machine the two were within run-to-run noise.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = choose_provider(provider)
     providers = [chosen] if chosen == CPU else [chosen, CPU]
