@@ -26,6 +26,12 @@ BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # The trained heads (torch, LightGBM) and their ONNX graph agree to float32 rounding; anything
 # beyond this is a broken export.
 PARITY_TOLERANCE = 1e-4
+# Except where the quality blend's neighbour memory meets a near-tie: torch and ONNX Runtime round
+# similarities differently, so two almost equally similar training prompts may swap places at the
+# k-th neighbour, which moves that prompt's neighbour mean by up to 1/k (0.008 at k = 128). Such
+# swaps are rare; a broken export is wrong everywhere.
+TIE_SHARE = 0.01
+NEIGHBOUR_SWAP_TOLERANCE = 0.02
 
 
 @dataclass
@@ -110,11 +116,15 @@ def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) 
     features, q_ref, o_ref = c.reference
     q_onnx, o_onnx = bundle.heads.run(features.astype(np.float32))
     q_ref, o_ref = np.clip(q_ref, 0.0, 1.0), np.maximum(o_ref, 0.0)
-    worst = max(
-        float(np.abs(q_onnx - q_ref).max()), float((np.abs(o_onnx - o_ref) / np.maximum(o_ref, 1)).max())
-    )
-    if worst > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX heads differ from the trained heads by {worst:.2g} (> {PARITY_TOLERANCE})")
+    q_gap = np.abs(q_onnx - q_ref)
+    o_gap = np.abs(o_onnx - o_ref) / np.maximum(o_ref, 1)
+    problems = []
+    if np.mean(q_gap > PARITY_TOLERANCE) > TIE_SHARE or q_gap.max() > NEIGHBOUR_SWAP_TOLERANCE:
+        problems.append(f"quality differs by up to {q_gap.max():.2g}")
+    if o_gap.max() > PARITY_TOLERANCE:
+        problems.append(f"output tokens differ by up to {o_gap.max():.2g} (relative)")
+    if problems:
+        raise RuntimeError("ONNX heads disagree with the trained heads: " + "; ".join(problems))
 
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
