@@ -247,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="routing table directory (canonical layout)")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="embedder precision")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the validation carving (and of --max-prompts sampling)"
+    )
     p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")
     p.set_defaults(func=_train)
 
