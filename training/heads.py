@@ -18,14 +18,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HeadParams:
-    learning_rate: float = 0.05
+    learning_rate: float = 0.15
     num_leaves: int = 15
     min_data_in_leaf: int = 40
     feature_fraction: float = 0.5
     bagging_fraction: float = 0.8
     lambda_l2: float = 1.0
     max_bin: int = 63
-    max_rounds: int = 400
+    max_rounds: int = 200
     early_stopping_rounds: int = 30
     # One thread: these fits are small, and OpenMP threads spin-waiting beside any other busy
     # process slowed them a hundredfold on a 2-core machine (measured), for no gain when idle.
