@@ -3,18 +3,17 @@
 Sharing one hidden layer across models lets rare models borrow strength from common ones, which
 per-model boosters on a 384-d embedding cannot (they landed below the kNN reference on validation).
 Trained with binary cross-entropy on the observed scores (unobserved pairs masked out), so its
-outputs are calibrated probabilities; exported to ONNX with the sigmoid inside.
+outputs are calibrated probabilities; the averaged members go into the quality blend's ONNX export
+(training/quality_model.py) with the sigmoid inside.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 if TYPE_CHECKING:
     import torch
@@ -104,27 +103,3 @@ class QualityEnsemble:
                 return torch.stack(probs).mean(dim=0)
 
         return Averaged().eval()
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        torch = _torch()
-        with torch.no_grad():
-            return self.module()(torch.tensor(x, dtype=torch.float32)).numpy().astype(float)
-
-    def to_onnx(self) -> onnx.ModelProto:
-        import warnings
-
-        torch = _torch()
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                self.module(),
-                (torch.zeros((2, self.n_features), dtype=torch.float32),),
-                buffer,
-                dynamo=False,
-                input_names=["features"],
-                output_names=["quality"],
-                dynamic_axes={"features": {0: "batch"}, "quality": {0: "batch"}},
-                opset_version=17,
-            )
-        return onnx.load_from_string(buffer.getvalue())
