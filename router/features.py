@@ -7,6 +7,7 @@ against this module when a bundle is loaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,12 +27,14 @@ def extra_features(texts: Sequence[str], tokens: Sequence[TokenizedPrompt], max_
     out = np.empty((len(texts), len(EXTRA_FEATURES)), dtype=np.float32)
     for i, (text, tok) in enumerate(zip(texts, tokens, strict=True)):
         n = max(len(text), 1)
+        # Counted with C-level loops: this runs on every Route call, on prompts of any length.
+        ascii_chars = len(text.encode("ascii", "ignore"))
         out[i] = (
-            np.log1p(tok.full_tokens),
-            np.log1p(len(text)),
-            np.log1p(text.count("\n")),
-            sum(ch.isdigit() for ch in text) / n,
-            sum(ord(ch) > 127 for ch in text) / n,
+            math.log1p(tok.full_tokens),
+            math.log1p(len(text)),
+            math.log1p(text.count("\n")),
+            sum(map(str.isdigit, text)) / n,
+            (len(text) - ascii_chars) / n,
             float(tok.full_tokens + 2 > max_tokens),
         )
     return out

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+Number = TypeVar("Number", float, np.ndarray)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +46,9 @@ class Decision:
     scored: tuple[Scored, ...]
 
 
-def utility(quality: np.ndarray | float, cost: np.ndarray | float, w: float, c_ref: float) -> np.ndarray:
-    return (1.0 - w) * np.asarray(quality) - w * np.asarray(cost) / c_ref
+def utility(quality: Number, cost: Number, w: float, c_ref: float) -> Number:
+    """Works on floats (one call's decision) and arrays (the evaluator's sweep) alike."""
+    return (1.0 - w) * quality - w * cost / c_ref
 
 
 def choose(quality: np.ndarray, cost: np.ndarray, w: float, c_ref: float) -> np.ndarray:
@@ -63,7 +67,7 @@ def decide(estimates: Sequence[Estimate], prefs: Preferences, c_ref: float) -> D
         raise ValueError("allowed_models excludes every candidate model")
     ceiling = prefs.max_cost_usd
     fits = [e for e in allowed if ceiling is None or e.cost_usd <= ceiling]
-    utilities = {e.model: float(utility(e.quality, e.cost_usd, w, c_ref)) for e in estimates}
+    utilities = {e.model: utility(e.quality, e.cost_usd, w, c_ref) for e in estimates}
     if fits:
         # Ties go to the cheaper model: same value for less money.
         best = max(fits, key=lambda e: (utilities[e.model], -e.cost_usd))

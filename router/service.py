@@ -273,8 +273,10 @@ class RouterService:
             for row, i in enumerate(idx):
                 t3 = time.perf_counter()
                 estimates = [
-                    Estimate(model, float(est.quality[row, j]), float(est.cost_usd[row, j]))
-                    for j, model in enumerate(est.models)
+                    Estimate(model, q, c)
+                    for model, q, c in zip(
+                        est.models, est.quality[row].tolist(), est.cost_usd[row].tolist(), strict=True
+                    )
                 ]
                 try:
                     decision = decide(estimates, jobs[i].prefs, c_ref)
