@@ -49,10 +49,14 @@ class MicroBatcher(Generic[T, R]):
             if not fut.done():
                 fut.cancel()
 
-    async def submit(self, item: T) -> R:
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queues `item`; the future resolves to its result. Cancelling it withdraws the item.
+
+        A plain future, not a coroutine: awaiting it with a timeout then needs no task of its own,
+        which a lone call would pay for in event-loop turns."""
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, fut))
-        return await fut
+        self._queue.put_nowait((item, fut))  # the queue is unbounded: admission is limited upstream
+        return fut
 
     async def _gather(self) -> list[tuple[T, asyncio.Future[R]]]:
         batch = [await self._queue.get()]
