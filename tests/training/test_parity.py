@@ -109,7 +109,10 @@ def test_quality_blend_and_its_onnx_graph_agree(data_dir: Path) -> None:
     )
     q_onnx, _ = session.run(["quality", "output_tokens"], {"features": x[500:]})
     assert np.abs(q_onnx - blend.predict(x[500:])).max() < 1e-5
-    # a training prompt asked again is pulled to its own observed outcomes by the kernel
+    # a training prompt asked again is pulled to its own observed outcomes by the kernel; the
+    # graph's int8 candidate search must find it as the exact search does
     again = blend.predict(x[:50])
+    q_again, _ = session.run(["quality", "output_tokens"], {"features": x[:50]})
+    assert np.abs(q_again - again).max() < 1e-5
     observed = ~np.isnan(score[:50])
     assert np.abs(again - np.nan_to_num(score[:50]))[observed].mean() < 0.3
