@@ -26,12 +26,33 @@ BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # The trained heads (torch, LightGBM) and their ONNX graph agree to float32 rounding; anything
 # beyond this is a broken export.
 PARITY_TOLERANCE = 1e-4
-# Except where the quality blend's neighbour memory meets a near-tie: torch and ONNX Runtime round
-# similarities differently, so two almost equally similar training prompts may swap places at the
-# k-th neighbour, which moves that prompt's neighbour mean by up to 1/k (0.008 at k = 128). Such
-# swaps are rare; a broken export is wrong everywhere.
-TIE_SHARE = 0.01
-NEIGHBOUR_SWAP_TOLERANCE = 0.02
+# Except where the neighbour memory meets a near-tie: torch and ONNX Runtime round similarities
+# differently, so two almost equally similar training prompts may swap places at the k-th
+# neighbour, which moves that prompt's neighbour means by up to 1/k of the pair's difference
+# (quality: 0.008 at k = 128). Such prompts are rare; a broken export is wrong on nearly all.
+TIE_ROW_SHARE = 0.05
+NEIGHBOUR_SWAP_TOLERANCE = {"quality": 0.02, "output tokens": 0.5}
+
+
+def parity_problems(
+    reference: tuple[np.ndarray, np.ndarray], exported: tuple[np.ndarray, np.ndarray]
+) -> list[str]:
+    """How the exported heads' (quality, output tokens) disagree with the trained ones, if they do."""
+    (q_ref, o_ref), (q_onnx, o_onnx) = reference, exported
+    gaps = {
+        "quality": np.abs(q_onnx - np.clip(q_ref, 0.0, 1.0)),
+        "output tokens": np.abs(o_onnx - np.maximum(o_ref, 0.0)) / np.maximum(o_ref, 1.0),
+    }
+    off = np.zeros(len(q_ref), dtype=bool)
+    for gap in gaps.values():
+        off |= (gap > PARITY_TOLERANCE).any(axis=1)
+    problems = []
+    if off.mean() > TIE_ROW_SHARE:
+        problems.append(f"{off.sum()} of {len(off)} check prompts differ")
+    for name, gap in gaps.items():
+        if gap.max() > NEIGHBOUR_SWAP_TOLERANCE[name]:
+            problems.append(f"{name} differs by up to {gap.max():.2g}")
+    return problems
 
 
 @dataclass
@@ -114,15 +135,7 @@ def write_bundle(out_dir: Path, c: BundleContents, durations: dict[str, float]) 
 
     bundle = load_bundle(staging, provider="cpu")
     features, q_ref, o_ref = c.reference
-    q_onnx, o_onnx = bundle.heads.run(features.astype(np.float32))
-    q_ref, o_ref = np.clip(q_ref, 0.0, 1.0), np.maximum(o_ref, 0.0)
-    q_gap = np.abs(q_onnx - q_ref)
-    o_gap = np.abs(o_onnx - o_ref) / np.maximum(o_ref, 1)
-    problems = []
-    if np.mean(q_gap > PARITY_TOLERANCE) > TIE_SHARE or q_gap.max() > NEIGHBOUR_SWAP_TOLERANCE:
-        problems.append(f"quality differs by up to {q_gap.max():.2g}")
-    if o_gap.max() > PARITY_TOLERANCE:
-        problems.append(f"output tokens differ by up to {o_gap.max():.2g} (relative)")
+    problems = parity_problems((q_ref, o_ref), bundle.heads.run(features.astype(np.float32)))
     if problems:
         raise RuntimeError("ONNX heads disagree with the trained heads: " + "; ".join(problems))
 

@@ -2,9 +2,9 @@
 
 Input `features` (batch x F, float32). Outputs `quality` (batch x models, clipped to 0..1) and
 `output_tokens` (batch x models, non-negative). The graph is built from parts, each an ONNX model
-mapping `features` to a (batch x models) tensor: per-model LightGBM boosters (converted by
-onnxmltools), a torch module (exported by torch.onnx), or constants. Quality may be a weighted
-sum of several parts (an ensemble).
+mapping `features` to one or more (batch x models) tensors: per-model LightGBM boosters (converted
+by onnxmltools) or a torch module (exported by torch.onnx). Each output is a weighted sum of part
+outputs (an ensemble).
 """
 
 from __future__ import annotations
@@ -43,15 +43,14 @@ def _graph_model(nodes: list, inits: list, n_features: int, outputs: dict[str, i
     return model
 
 
-def _inline(part: onnx.ModelProto, prefix: str, output: str) -> tuple[list, list]:
-    """Nodes and initialisers of `part`, renamed under `prefix`, its input bound to `features` and its
-    single output renamed to `output`."""
+def _inline(part: onnx.ModelProto, prefix: str) -> tuple[list, list]:
+    """Nodes and initialisers of `part`, renamed under `prefix` (its outputs too: `prefix` + name),
+    its input bound to `features`."""
     graph = part.graph
     (source_input,) = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
     rename = {t: f"{prefix}{t}" for n in graph.node for t in n.output}
     rename.update({i.name: f"{prefix}{i.name}" for i in graph.initializer})
     rename[source_input] = INPUT
-    rename[graph.output[0].name] = output
     nodes = []
     for index, node in enumerate(graph.node):
         copy = onnx.NodeProto()
@@ -94,36 +93,50 @@ def per_model_part(heads: Sequence[object], n_features: int) -> onnx.ModelProto:
             ]
             inits += [zero, const]
         else:
-            n, i = _inline(_booster_graph(head, n_features), f"c{j}_", out)
-            nodes += n
+            booster = _booster_graph(head, n_features)
+            n, i = _inline(booster, f"c{j}_")
+            nodes += [*n, helper.make_node("Identity", [f"c{j}_{booster.graph.output[0].name}"], [out])]
             inits += i
         columns.append(out)
     nodes.append(helper.make_node("Concat", columns, ["columns"], axis=1))
     return _graph_model(nodes, inits, n_features, {"columns": len(heads)})
 
 
+# (part, which of its outputs, weight): one term of a weighted sum of (batch x models) tensors
+Term = tuple[onnx.ModelProto, str, float]
+
+
 def assemble(
-    n_features: int,
-    n_models: int,
-    quality_parts: Sequence[tuple[onnx.ModelProto, float]],
-    output_tokens_part: onnx.ModelProto,
+    n_features: int, n_models: int, quality: Sequence[Term], output_tokens: Sequence[Term]
 ) -> onnx.ModelProto:
-    """quality = clip(sum of weight x part, 0, 1); output_tokens = relu(part)."""
+    """quality = clip(sum of weight x part output, 0, 1); output_tokens = relu(sum of the same).
+
+    A part used by several terms (one graph giving several outputs) is inlined once."""
     nodes: list = []
     inits: list = []
-    terms = []
-    for k, (part, weight) in enumerate(quality_parts):
-        n, i = _inline(part, f"q{k}_", f"q{k}_out")
-        nodes += n
-        inits += i
-        w = numpy_helper.from_array(np.array(weight, dtype=np.float32), f"q{k}_weight")
-        inits.append(w)
-        nodes.append(helper.make_node("Mul", [f"q{k}_out", w.name], [f"q{k}_weighted"]))
-        terms.append(f"q{k}_weighted")
-    nodes.append(helper.make_node("Sum", terms, ["quality_raw"]))
-    n, i = _inline(output_tokens_part, "o_", "output_tokens_raw")
-    nodes += n
-    inits += i
+    prefixes: dict[int, str] = {}
+
+    def output_of(part: onnx.ModelProto, name: str) -> str:
+        if name not in {o.name for o in part.graph.output}:
+            raise ValueError(f"part has no output {name!r}")
+        if id(part) not in prefixes:
+            prefixes[id(part)] = f"p{len(prefixes)}_"
+            n, i = _inline(part, prefixes[id(part)])
+            nodes.extend(n)
+            inits.extend(i)
+        return prefixes[id(part)] + name
+
+    def weighted_sum(terms: Sequence[Term], out: str) -> None:
+        summands = []
+        for k, (part, name, weight) in enumerate(terms):
+            w = numpy_helper.from_array(np.array(weight, dtype=np.float32), f"{out}_w{k}")
+            inits.append(w)
+            nodes.append(helper.make_node("Mul", [output_of(part, name), w.name], [f"{out}_t{k}"]))
+            summands.append(f"{out}_t{k}")
+        nodes.append(helper.make_node("Sum", summands, [out]))
+
+    weighted_sum(quality, "quality_raw")
+    weighted_sum(output_tokens, "output_tokens_raw")
     inits += [
         numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f"),
         numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one_f"),

@@ -6,8 +6,9 @@ measures the heads and calibrates the presets; then the heads are refitted on al
 
 The prompt is represented by the frozen all-MiniLM-L6-v2 encoder (int8 by default). Quality comes
 from the blend of an MLP ensemble and a neighbour memory (training/quality_model.py), output
-lengths from per-model LightGBM. Fine-tuning the encoder on the routing labels was measured and
-did not pay for itself (docs/BENCHMARKS.md), so there is one configuration.
+lengths from the mean of per-model LightGBM and the same neighbours' output lengths. Fine-tuning
+the encoder on the routing labels was measured and did not pay for itself (docs/BENCHMARKS.md), so
+there is one configuration.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ DEFAULT_PRESET = "cost-30"
 # One configuration for every table: chosen on validation carved from `train` (docs/BENCHMARKS.md).
 BLEND = BlendParams()
 OUTPUT_HEADS = HeadParams()
+# Validation prompts the exported heads are checked against the trained ones on.
+PARITY_CHECK_PROMPTS = 256
+# Output length = this share of the neighbours' mean + the rest of LightGBM's prediction.
+NEIGHBOUR_TOKENS_WEIGHT = 0.5
+
+
+def output_tokens(trees: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """The output-length estimate, as the heads graph computes it."""
+    return (1.0 - NEIGHBOUR_TOKENS_WEIGHT) * trees + NEIGHBOUR_TOKENS_WEIGHT * neighbours
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,9 @@ def train_bundle(
         prices = table_prices(table)
     x, dim = full.features, embedder.dim
     with timer.stage("heads_validation"):
-        blend = QualityBlend.fit(x[~is_val], targets.score[~is_val], dim, BLEND)
+        blend = QualityBlend.fit(
+            x[~is_val], targets.score[~is_val], targets.output_tokens[~is_val], dim, BLEND
+        )
         outputs = fit_per_model(
             "poisson",
             table.models,
@@ -157,9 +169,10 @@ def train_bundle(
             targets.output_tokens[is_val],
             OUTPUT_HEADS,
         )
-        q_val = blend.predict(x[is_val])
+        q_val, near_tokens = blend.predict(x[is_val])
         c_val = prices.cost_usd(
-            est.estimate(full.word_pieces[is_val], full.chars[is_val]), outputs.predict(x[is_val])
+            est.estimate(full.word_pieces[is_val], full.chars[is_val]),
+            output_tokens(outputs.predict(x[is_val]), near_tokens),
         )
         complete = complete_rows(val_table)
         val_score = val_table.matrix("score")[complete]
@@ -167,7 +180,7 @@ def train_bundle(
         presets = calibrate_presets(q_val[complete], c_val[complete], val_score, val_cost, c_ref)
         val_eval = evaluate(table.models, val_score, val_cost, q_val[complete], c_val[complete], c_ref)
     with timer.stage("heads_refit"):
-        blend = QualityBlend.fit(x, targets.score, dim, BLEND)
+        blend = QualityBlend.fit(x, targets.score, targets.output_tokens, dim, BLEND)
         outputs = fit_per_model(
             "poisson",
             table.models,
@@ -179,10 +192,19 @@ def train_bundle(
             rounds=outputs.rounds,
         )
     with timer.stage("export"):
+        blend_part = blend.to_onnx()
+        trees_part = per_model_part(outputs.heads, x.shape[1])
         graph = assemble(
-            x.shape[1], len(table.models), [(blend.to_onnx(), 1.0)], per_model_part(outputs.heads, x.shape[1])
+            x.shape[1],
+            len(table.models),
+            quality=[(blend_part, "quality", 1.0)],
+            output_tokens=[
+                (trees_part, "columns", 1.0 - NEIGHBOUR_TOKENS_WEIGHT),
+                (blend_part, "neighbour_output_tokens", NEIGHBOUR_TOKENS_WEIGHT),
+            ],
         )
-        check = x[is_val][:64]
+        check = x[is_val][:PARITY_CHECK_PROMPTS]
+        q_check, near_check = blend.predict(check)
         f = val_eval.figures
         contents = BundleContents(
             table=table,
@@ -190,7 +212,7 @@ def train_bundle(
             exported=exported,
             heads_graph=graph,
             heads_kind=HEADS_KIND,
-            reference=(check, blend.predict(check), outputs.predict(check)),
+            reference=(check, q_check, output_tokens(outputs.predict(check), near_check)),
             token_estimator=est,
             token_estimator_mae=est_mae,
             token_estimator_source=est_source,
@@ -207,7 +229,11 @@ def train_bundle(
                 "outcome_rows": len(table.outcomes),
                 "validation_fraction": config.validation_fraction,
                 "seed": config.seed,
-                "heads_params": {"quality": asdict(BLEND), "output_tokens": asdict(OUTPUT_HEADS)},
+                "heads_params": {
+                    "quality": asdict(BLEND),
+                    "output_tokens": asdict(OUTPUT_HEADS),
+                    "neighbour_tokens_weight": NEIGHBOUR_TOKENS_WEIGHT,
+                },
                 "output_head_rounds": dict(zip(table.models, outputs.rounds, strict=True)),
                 "validation_metrics": {
                     k: f[k] for k in ("aiq", "aiq_zero", "aiq_oracle", "gap_closed", "quality_at_w0")
@@ -225,5 +251,5 @@ def train_bundle(
 
 HEADS_KIND = (
     "quality: blend of an MLP ensemble and a k-nearest-neighbour mean, with a near-duplicate kernel; "
-    "output tokens: per-model LightGBM (Poisson)"
+    "output tokens: mean of per-model LightGBM (Poisson) and the nearest training prompts' output lengths"
 )
