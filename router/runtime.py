@@ -35,7 +35,7 @@ def choose_provider(requested: str = "auto") -> str:
     return wanted
 
 
-def make_session(path: Path, *, provider: str = "auto", threads: int = 0) -> Any:
+def make_session(path: Path, *, provider: str = "auto", threads: int = 0, spinning: bool = False) -> Any:
     """An inference session with full graph optimisation; threads=0 lets ONNX Runtime decide."""
     ort = _ort()
     options = ort.SessionOptions()
@@ -46,8 +46,8 @@ def make_session(path: Path, *, provider: str = "auto", threads: int = 0) -> Any
     # Idle ONNX Runtime workers spin by default; on a small, shared CPU box that steals the cores
     # the gRPC event loop needs between batches. Measured on the 2-core machine under load, Route at
     # c=32 over the raw embedder's best throughput went from 0.65-0.78 to 0.86-0.90 with spinning
-    # off; on a quiet machine the two were within run-to-run noise.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # off; on a quiet machine the two were within run-to-run noise. Hence off unless asked for.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     chosen = choose_provider(provider)
     providers = [chosen] if chosen == CPU else [chosen, CPU]
     try:
