@@ -11,9 +11,9 @@
 
 The same neighbours also give an output-length estimate: the mean billed output tokens of the
 k_tokens nearest training prompts, per model. The heads average it with the LightGBM output-length
-heads (training/pipeline.py): on validation carved from mmlu_pro's train split (4 carvings, mean
-gap closed) the average reached 0.118, the neighbours alone 0.118, LightGBM alone 0.117, and the
-earlier LightGBM (lr 0.15, twice the trees) 0.114.
+heads (training/pipeline.py): on validation carved from mmlu_pro's train split (5 carvings, mean
+gap closed) the average reached 0.1196, the neighbours alone 0.1196, LightGBM alone 0.1174, and the
+earlier LightGBM (lr 0.15, twice the trees) 0.1163 (docs/BENCHMARKS.md).
 
 All of it is one torch module, exported to ONNX as one part of the heads graph; the training
 embeddings and outcomes it consults are constants inside that graph.
