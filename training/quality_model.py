@@ -193,19 +193,11 @@ OUTPUTS = ("quality", "neighbour_output_tokens")
 
 
 class QualityBlend:
-    def __init__(
-        self,
-        ensemble: QualityEnsemble,
-        memory: np.ndarray,
-        score: np.ndarray,
-        tokens: np.ndarray,
-        dim: int,
-        params: BlendParams,
-    ) -> None:
-        self.n_features = ensemble.n_features
+    def __init__(self, module: Any, n_features: int, dim: int) -> None:
+        """module: as `_module` builds it; use `fit`."""
+        self.n_features = n_features
         self._dim = dim
-        self._module = _module(ensemble, memory, score, tokens, dim, params)
-        self._memory = self._module.memory.numpy().T.copy()  # distinct rows, as the module keeps them
+        self._module = module
 
     @classmethod
     def fit(
@@ -214,7 +206,8 @@ class QualityBlend:
         """features: the training prompts' head features, the first `dim` the unit embedding;
         score and tokens: their observed scores and billed output tokens (NaN where unknown)."""
         ensemble = QualityEnsemble.fit(features, score, params.mlp)
-        return cls(ensemble, features[:, :dim].astype(np.float32), score, tokens, dim, params)
+        memory = features[:, :dim].astype(np.float32)
+        return cls(_module(ensemble, memory, score, tokens, dim, params), ensemble.n_features, dim)
 
     def predict(self, features: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(quality, neighbour output tokens), each prompts x models."""
@@ -263,7 +256,8 @@ class QualityBlend:
             )
         model = onnx.load_from_string(buffer.getvalue())
         graph = model.graph
-        nodes, inits = _int8_search(self._memory, self._dim, sims.shape[1], "sims", "idx")
+        distinct_memory = module.memory.numpy().T.copy()  # n x dim; the module keeps it transposed
+        nodes, inits = _int8_search(distinct_memory, self._dim, sims.shape[1], "sims", "idx")
         kept = [i for i in graph.input if i.name == "features"]
         del graph.input[:]
         graph.input.extend(kept)
