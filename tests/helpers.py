@@ -6,15 +6,17 @@ import asyncio
 import datetime
 import ipaddress
 import threading
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from router.config import ServeSettings
-from router.server import RouterServer
+from router.core.manifest import CHECKSUM_FIELD, MANIFEST, content_checksum
+from router.serving.config import ServeSettings
+from router.serving.server import RouterServer
 from router.v1 import router_pb2_grpc
 
 
@@ -110,3 +112,14 @@ def write_pem(cert: Any, key: Any, directory: Path, stem: str) -> tuple[Path, Pa
         )
     )
     return cert_path, key_path
+
+
+def edit_manifest(bundle: Path, change: Callable[[dict[str, Any]], object], *, reseal: bool = True) -> None:
+    """Changes a bundle's manifest.json in place and, unless told not to, seals it again, as a
+    tool that rewrites manifests on purpose would (the fault under test is then the change itself)."""
+    path = bundle / MANIFEST
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    if reseal:
+        manifest[CHECKSUM_FIELD] = content_checksum(manifest)
+    path.write_text(json.dumps(manifest))

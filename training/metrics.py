@@ -10,7 +10,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from router.policy import choose
+from router.core.policy import choose
 
 # w = 0 plus a geometric grid: the interesting trade-offs are often at small w.
 W_GRID = np.concatenate([[0.0], np.geomspace(1e-5, 1.0, 240)])

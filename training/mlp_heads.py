@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 @dataclass(frozen=True)
@@ -30,20 +28,13 @@ class MlpParams:
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
-def build_net(n_in: int, n_models: int, hidden: int, dropout: float):
-    nn = _torch().nn
+def build_net(n_in: int, n_models: int, hidden: int, dropout: float) -> torch.nn.Sequential:
+    nn = torch.nn
     return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_models))
 
 
-def fit_quality_mlp(x: np.ndarray, score: np.ndarray, params: MlpParams, seed: int):
+def fit_quality_mlp(x: np.ndarray, score: np.ndarray, params: MlpParams, seed: int) -> torch.nn.Sequential:
     """One network on (prompts x features) -> logits (prompts x models), masked BCE."""
-    torch = _torch()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     n, m = score.shape
@@ -51,7 +42,7 @@ def fit_quality_mlp(x: np.ndarray, score: np.ndarray, params: MlpParams, seed: i
     observed = ~np.isnan(score)
     with torch.no_grad():  # start from each model's base rate: early epochs learn differences
         p = np.clip(np.nanmean(score, axis=0), 1e-3, 1 - 1e-3)
-        net[-1].bias.copy_(torch.tensor(np.log(p / (1 - p)), dtype=torch.float32))
+        cast(torch.nn.Linear, net[-1]).bias.copy_(torch.tensor(np.log(p / (1 - p)), dtype=torch.float32))
     xt = torch.tensor(x, dtype=torch.float32)
     yt = torch.tensor(np.where(observed, score, 0.0), dtype=torch.float32)
     mt = torch.tensor(observed, dtype=torch.float32)
@@ -88,33 +79,39 @@ class QualityEnsemble:
     def fit(cls, x: np.ndarray, score: np.ndarray, params: MlpParams) -> QualityEnsemble:
         return cls([fit_quality_mlp(x, score, params, seed) for seed in params.seeds], x.shape[1])
 
-    def module(self) -> torch.nn.Module:
-        """The members as one wide network: two matrix products per batch instead of two per member,
-        which is what a lone prompt's latency pays for (each operator call has a fixed cost)."""
-        import torch
+    def module(self) -> AveragedMembers:
+        return AveragedMembers(self.nets)
 
+
+class AveragedMembers(torch.nn.Module):
+    """The members as one wide network: two matrix products per batch instead of two per member,
+    which is what a lone prompt's latency pays for (each operator call has a fixed cost).
+    forward = the mean of the members' sigmoid outputs.
+
+    Both layers are plain 2-D matrix products (the output layer block-diagonal) and the members are
+    added one by one: ONNX Runtime computes a batched product or a reduction over a leading axis by
+    another path for a batch of one than for more, and a prompt's estimate must not depend on its
+    batch."""
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
         # build_net's layers: Linear, GELU, Dropout, Linear
-        first = [cast(torch.nn.Linear, member.get_submodule("0")) for member in self.nets]
-        last = [cast(torch.nn.Linear, member.get_submodule("3")) for member in self.nets]
-        k, hidden = len(self.nets), first[0].out_features
+        first = [cast(torch.nn.Linear, member.get_submodule("0")) for member in members]
+        last = [cast(torch.nn.Linear, member.get_submodule("3")) for member in members]
+        self.k, self.models = len(first), last[0].out_features
+        self.hidden = torch.nn.Linear(first[0].in_features, sum(f.out_features for f in first))
+        self.out = torch.nn.Linear(self.hidden.out_features, self.k * self.models)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.cat([f.weight for f in first]))
+            self.hidden.bias.copy_(torch.cat([f.bias for f in first]))
+            # member i's output layer reads member i's slice of the hidden units only
+            self.out.weight.copy_(torch.block_diag(*[o.weight for o in last]))
+            self.out.bias.copy_(torch.cat([o.bias for o in last]))
+        self.eval()
 
-        class Averaged(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.hidden = torch.nn.Linear(first[0].in_features, k * hidden)
-                with torch.no_grad():
-                    self.hidden.weight.copy_(torch.cat([f.weight for f in first]))
-                    self.hidden.bias.copy_(torch.cat([f.bias for f in first]))
-                # member i's output layer, applied to member i's slice of the hidden units
-                out_weight = torch.stack([o.weight.T for o in last])  # k x hidden x models
-                self.out_weight = torch.nn.Parameter(out_weight.detach().clone())
-                out_bias = torch.stack([o.bias for o in last]).unsqueeze(1)  # k x 1 x models
-                self.out_bias = torch.nn.Parameter(out_bias.detach().clone())
-
-            def forward(self, features: torch.Tensor) -> torch.Tensor:
-                h = torch.nn.functional.gelu(self.hidden(features))  # batch x (k * hidden)
-                h = h.reshape(-1, k, hidden).transpose(0, 1)  # k x batch x hidden
-                logits = torch.matmul(h, self.out_weight) + self.out_bias  # k x batch x models
-                return torch.sigmoid(logits).mean(dim=0)
-
-        return Averaged().eval()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        probs = torch.sigmoid(self.out(torch.nn.functional.gelu(self.hidden(features))))
+        total = probs[:, : self.models]
+        for member in range(1, self.k):
+            total = total + probs[:, member * self.models : (member + 1) * self.models]
+        return total / self.k

@@ -10,10 +10,8 @@
   their past outcomes are the best evidence there is.
 
 The same neighbours also give an output-length estimate: the mean billed output tokens of the
-k_tokens nearest training prompts, per model. The heads average it with the LightGBM output-length
-heads (training/pipeline.py): on validation carved from mmlu_pro's train split (5 carvings, mean
-gap closed) the average reached 0.1196, the neighbours alone 0.1196, LightGBM alone 0.1174, and the
-earlier LightGBM (lr 0.15, twice the trees) 0.1163 (docs/BENCHMARKS.md).
+k_tokens nearest training prompts, per model. The heads model (training/heads_model.py) averages
+it with the LightGBM output-length heads; docs/BENCHMARKS.md has how that was chosen.
 
 All of it is one torch module, exported to ONNX as one part of the heads graph; the training
 embeddings and outcomes it consults are constants inside that graph.
@@ -24,12 +22,14 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from training.mlp_heads import MlpParams, QualityEnsemble
+from training.onnx_graph import OPSET
 
 
 @dataclass(frozen=True)
@@ -71,133 +71,186 @@ def _pooled(inverse: np.ndarray, n: int, values: np.ndarray) -> tuple[np.ndarray
     return sums, counts
 
 
-def _module(
-    ensemble: QualityEnsemble,
-    memory: np.ndarray,
-    score: np.ndarray,
-    tokens: np.ndarray,
-    dim: int,
-    params: BlendParams,
-) -> Any:
-    import torch
+def _sum_neighbours(values: torch.Tensor) -> torch.Tensor:
+    """batch x k x models -> batch x models, summed over the k neighbours.
 
-    memory, inverse = _distinct(memory)
-    scores, observed = _pooled(inverse, len(memory), score)
-    tokens_sum, has_tokens = _pooled(inverse, len(memory), tokens)
-    k_kernel = min(params.k_kernel, len(memory))
-    k_mean = min(params.k_mean, k_kernel)
-    k_tokens = min(params.k_tokens, k_kernel)
-    fallback = np.nanmean(score, axis=0)
+    Summed along the last axis, after a transpose: ONNX Runtime reduces a middle axis by another
+    path when the batch has one row than when it has more, which made a lone prompt's estimates
+    differ (by ~1e-7) from the same prompt's in a batch. A last-axis sum takes one path for any
+    batch size, so a prompt's estimates do not depend on its batch (a test holds this)."""
+    return values.transpose(1, 2).sum(-1)
 
-    class Blend(torch.nn.Module):
-        """forward = combine(features, *neighbours(features)); the ONNX export runs `combine` after
-        its own, cheaper neighbour search (see `_int8_search`). Returns (quality, output tokens):
-        the second is the mean billed output length of the k_tokens nearest training prompts.
-        Each distinct training prompt is one entry, holding the sum and count of its outcomes."""
 
-        memory: torch.Tensor
-        scores: torch.Tensor
-        observed: torch.Tensor
-        fallback: torch.Tensor
-        tokens: torch.Tensor
-        has_tokens: torch.Tensor
-        tokens_fallback: torch.Tensor
+class NeighbourBlend(torch.nn.Module):
+    """forward = combine(features, *neighbours(features)); the ONNX export runs `combine` after its
+    own, cheaper neighbour search (see `_search_graph`). Returns (quality, output tokens): the second
+    is the mean billed output length of the k_tokens nearest training prompts. Each distinct
+    training prompt is one entry of the memory, holding the sum and count of its outcomes."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.mlp = ensemble.module()
-            self.register_buffer("memory", torch.tensor(memory.T.copy(), dtype=torch.float32))  # dim x n
-            self.register_buffer("scores", torch.tensor(scores, dtype=torch.float32))
-            self.register_buffer("observed", torch.tensor(observed, dtype=torch.float32))
-            self.register_buffer("fallback", torch.tensor(fallback, dtype=torch.float32))
-            self.register_buffer("tokens", torch.tensor(tokens_sum, dtype=torch.float32))
-            self.register_buffer("has_tokens", torch.tensor(has_tokens, dtype=torch.float32))
-            self.register_buffer("tokens_fallback", torch.tensor(_column_means(tokens), dtype=torch.float32))
+    memory: torch.Tensor
+    scores: torch.Tensor
+    observed: torch.Tensor
+    fallback: torch.Tensor
+    tokens: torch.Tensor
+    has_tokens: torch.Tensor
+    tokens_fallback: torch.Tensor
 
-        def neighbours(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Cosine similarity and index of the k_kernel nearest training prompts, most similar first."""
-            sims, idx = torch.topk(features[:, :dim] @ self.memory, k_kernel, dim=1)
-            return sims, idx
+    def __init__(
+        self,
+        ensemble: QualityEnsemble,
+        memory: np.ndarray,
+        score: np.ndarray,
+        tokens: np.ndarray,
+        dim: int,
+        params: BlendParams,
+    ) -> None:
+        super().__init__()
+        memory, inverse = _distinct(memory)
+        scores, observed = _pooled(inverse, len(memory), score)
+        tokens_sum, has_tokens = _pooled(inverse, len(memory), tokens)
+        self.dim = dim
+        self.k_kernel = min(params.k_kernel, len(memory))
+        self.k_mean = min(params.k_mean, self.k_kernel)
+        self.k_tokens = min(params.k_tokens, self.k_kernel)
+        self.tau = params.tau
+        self.alpha = params.alpha
+        self.mlp = ensemble.module()
+        self.register_buffer("memory", torch.tensor(memory.T.copy(), dtype=torch.float32))  # dim x n
+        self.register_buffer("scores", torch.tensor(scores, dtype=torch.float32))
+        self.register_buffer("observed", torch.tensor(observed, dtype=torch.float32))
+        self.register_buffer("fallback", torch.tensor(np.nanmean(score, axis=0), dtype=torch.float32))
+        self.register_buffer("tokens", torch.tensor(tokens_sum, dtype=torch.float32))
+        self.register_buffer("has_tokens", torch.tensor(has_tokens, dtype=torch.float32))
+        self.register_buffer("tokens_fallback", torch.tensor(_column_means(tokens), dtype=torch.float32))
+        self.eval()
 
-        def combine(
-            self, features: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            near_idx = idx[:, :k_tokens]
-            counted = self.has_tokens[near_idx].sum(1)
-            total = self.tokens[near_idx].sum(1)
-            out_tokens = torch.where(counted > 0, total / counted.clamp(min=1.0), self.tokens_fallback)
-            mlp = self.mlp(features)
-            got, seen = self.scores[idx], self.observed[idx]  # batch x k x models
-            count = seen[:, :k_mean].sum(1)
-            near = torch.where(count > 0, got[:, :k_mean].sum(1) / count.clamp(min=1.0), self.fallback)
-            prior = 0.5 * (mlp + near)
-            weight = torch.exp((sims - 1.0) / params.tau).unsqueeze(-1)
-            numerator = (got * weight).sum(1) + params.alpha * prior
-            denominator = (seen * weight).sum(1) + params.alpha
-            return numerator / denominator, out_tokens
+    def distinct_memory(self) -> np.ndarray:
+        """The distinct training embeddings, n x dim."""
+        return self.memory.numpy().T.copy()
 
-        def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.combine(features, *self.neighbours(features))
+    def neighbours(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine similarity and index of the k_kernel nearest training prompts, most similar first."""
+        sims, idx = torch.topk(features[:, : self.dim] @ self.memory, self.k_kernel, dim=1)
+        return sims, idx
 
-    return Blend().eval()
+    def combine(
+        self, features: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        near_idx = idx[:, : self.k_tokens]
+        counted = _sum_neighbours(self.has_tokens[near_idx])
+        total = _sum_neighbours(self.tokens[near_idx])
+        out_tokens = torch.where(counted > 0, total / counted.clamp(min=1.0), self.tokens_fallback)
+        mlp = self.mlp(features)
+        got, seen = self.scores[idx], self.observed[idx]  # batch x k x models
+        count = _sum_neighbours(seen[:, : self.k_mean])
+        near = torch.where(
+            count > 0, _sum_neighbours(got[:, : self.k_mean]) / count.clamp(min=1.0), self.fallback
+        )
+        prior = 0.5 * (mlp + near)
+        weight = torch.exp((sims - 1.0) / self.tau).unsqueeze(-1)
+        numerator = _sum_neighbours(got * weight) + self.alpha * prior
+        denominator = _sum_neighbours(seen * weight) + self.alpha
+        return numerator / denominator, out_tokens
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.combine(features, *self.neighbours(features))
+
+
+class _Combine(torch.nn.Module):
+    """`combine` alone, with the neighbours as inputs: the part of the blend torch exports."""
+
+    def __init__(self, blend: NeighbourBlend) -> None:
+        super().__init__()
+        self.blend = blend
+
+    def forward(
+        self, features: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.blend.combine(features, sims, idx)
 
 
 # The exported graph finds neighbours in two steps: int8 similarities over the whole memory pick
 # CANDIDATE_FACTOR x k_kernel candidates, whose exact float similarities then choose and rank the
 # k_kernel. The int8 memory is a quarter of the float one's size, and reading it is most of a lone
-# prompt's head time (measured on the 29-model mmlu_pro bundle). Int8 errors are ~0.003 in cosine,
-# far below the spread between a prompt's k-th and (1.25 k)-th neighbour, so the result is the exact
-# search's but for rare near-ties, which the bundle's parity check allows for.
+# prompt's head time. Int8 errors are ~0.003 in cosine, far below the spread between a prompt's k-th
+# and (1.25 k)-th neighbour, so the result is the exact search's but for rare near-ties, which the
+# bundle's parity check allows for. Each query is quantised with a scale of its own row (never one
+# for the whole batch), so a prompt's neighbours do not depend on the prompts beside it.
 CANDIDATE_FACTOR = 1.25
+SEARCH_OUTPUTS = ("sims", "idx", "features_out")
 
 
-def _int8_search(memory: np.ndarray, dim: int, k: int, sims: str, idx: str) -> tuple[list, list]:
-    """Nodes and initialisers computing `sims`, `idx` (batch x k) from `features`."""
-    from onnx import TensorProto, helper, numpy_helper
-
+def _search_graph(memory: np.ndarray, n_features: int, dim: int, k: int) -> onnx.ModelProto:
+    """features -> (sims, idx) of the k nearest rows of `memory` (n x dim), and features unchanged."""
     n = len(memory)
     candidates = min(n, int(np.ceil(CANDIDATE_FACTOR * k)))
     scale = np.maximum(np.abs(memory).max(axis=1), 1e-12) / 127.0  # per training prompt
     quantised = np.clip(np.rint(memory / scale[:, None]), -127, 127).astype(np.int8)
-    p = "search/"
-    inits = [
-        numpy_helper.from_array(np.array([0], dtype=np.int64), p + "zero"),
-        numpy_helper.from_array(np.array([dim], dtype=np.int64), p + "dim"),
-        numpy_helper.from_array(np.array([1], dtype=np.int64), p + "axis1"),
-        numpy_helper.from_array(np.array([2], dtype=np.int64), p + "axis2"),
-        numpy_helper.from_array(quantised.T.copy(), p + "memory_int8"),  # dim x n
-        numpy_helper.from_array(scale.astype(np.float32)[None, :], p + "scale"),
-        numpy_helper.from_array(memory.astype(np.float32), p + "memory"),  # n x dim
-        numpy_helper.from_array(np.array([candidates], dtype=np.int64), p + "candidates"),
-        numpy_helper.from_array(np.array([k], dtype=np.int64), p + "k"),
-    ]
+    constants = {
+        "zero": np.array([0], dtype=np.int64),
+        "dim": np.array([dim], dtype=np.int64),
+        "axis1": np.array([1], dtype=np.int64),
+        "axis2": np.array([2], dtype=np.int64),
+        "eps": np.array(1e-12, dtype=np.float32),
+        "q_max": np.array(127.0, dtype=np.float32),
+        "q_min": np.array(-127.0, dtype=np.float32),
+        "q_shift": np.array(128.0, dtype=np.float32),
+        "q_zero": np.array(128, dtype=np.uint8),
+        "memory_int8": quantised.T.copy(),  # dim x n
+        "memory_scale": scale.astype(np.float32)[None, :],
+        "memory": memory.astype(np.float32),  # n x dim
+        "candidates": np.array([candidates], dtype=np.int64),
+        "k": np.array([k], dtype=np.int64),
+    }
     node = helper.make_node
     nodes = [
-        node("Slice", ["features", p + "zero", p + "dim", p + "axis1"], [p + "query"]),
-        node("DynamicQuantizeLinear", [p + "query"], [p + "q8", p + "q_scale", p + "q_zero"]),
-        node("MatMulInteger", [p + "q8", p + "memory_int8", p + "q_zero"], [p + "dot_int"]),
-        node("Cast", [p + "dot_int"], [p + "dot_raw"], to=TensorProto.FLOAT),
-        node("Mul", [p + "dot_raw", p + "scale"], [p + "approx"]),
-        node("TopK", [p + "approx", p + "candidates"], [p + "approx_top", p + "cand"], axis=1),
-        node("Gather", [p + "memory", p + "cand"], [p + "cand_vec"], axis=0),  # batch x c x dim
-        node("Unsqueeze", [p + "query", p + "axis2"], [p + "query_col"]),  # batch x dim x 1
-        node("MatMul", [p + "cand_vec", p + "query_col"], [p + "exact_col"]),
-        node("Squeeze", [p + "exact_col", p + "axis2"], [p + "exact"]),
-        node("TopK", [p + "exact", p + "k"], [sims, p + "pos"], axis=1),
-        node("GatherElements", [p + "cand", p + "pos"], [idx], axis=1),
+        node("Slice", ["features", "zero", "dim", "axis1"], ["query"]),
+        # symmetric int8 per row, stored as uint8 around 128 (the fast u8 x s8 integer product)
+        node("Abs", ["query"], ["query_abs"]),
+        node("ReduceMax", ["query_abs"], ["query_max"], axes=[1], keepdims=1),
+        node("Max", ["query_max", "eps"], ["query_max_pos"]),
+        node("Div", ["query_max_pos", "q_max"], ["query_scale"]),
+        node("Div", ["query", "query_scale"], ["query_scaled"]),
+        node("Round", ["query_scaled"], ["query_rounded"]),
+        node("Clip", ["query_rounded", "q_min", "q_max"], ["query_clipped"]),
+        node("Add", ["query_clipped", "q_shift"], ["query_shifted"]),
+        node("Cast", ["query_shifted"], ["query_u8"], to=TensorProto.UINT8),
+        node("MatMulInteger", ["query_u8", "memory_int8", "q_zero"], ["dot_int"]),
+        node("Cast", ["dot_int"], ["dot_raw"], to=TensorProto.FLOAT),
+        # the query's own scale is left out: it is positive and one per row, so ranks do not move
+        node("Mul", ["dot_raw", "memory_scale"], ["approx"]),
+        node("TopK", ["approx", "candidates"], ["approx_top", "cand"], axis=1),
+        node("Gather", ["memory", "cand"], ["cand_vec"], axis=0),  # batch x c x dim
+        node("Unsqueeze", ["query", "axis2"], ["query_col"]),  # batch x dim x 1
+        node("MatMul", ["cand_vec", "query_col"], ["exact_col"]),
+        node("Squeeze", ["exact_col", "axis2"], ["exact"]),
+        node("TopK", ["exact", "k"], ["sims", "pos"], axis=1),
+        node("GatherElements", ["cand", "pos"], ["idx"], axis=1),
+        node("Identity", ["features"], ["features_out"]),
     ]
-    return nodes, inits
+    graph = helper.make_graph(
+        nodes,
+        "neighbour_search",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", n_features])],
+        [
+            helper.make_tensor_value_info("sims", TensorProto.FLOAT, ["batch", k]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", k]),
+            helper.make_tensor_value_info("features_out", TensorProto.FLOAT, ["batch", n_features]),
+        ],
+        initializer=[numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 OUTPUTS = ("quality", "neighbour_output_tokens")
 
 
 class QualityBlend:
-    def __init__(self, module: Any, n_features: int, dim: int) -> None:
-        """module: as `_module` builds it; use `fit`."""
+    """The fitted blend: its own prediction (torch) and its ONNX export, a tested pair."""
+
+    def __init__(self, module: NeighbourBlend, n_features: int) -> None:
         self.n_features = n_features
-        self._dim = dim
-        self._module = module
+        self.module = module
 
     @classmethod
     def fit(
@@ -207,16 +260,14 @@ class QualityBlend:
         score and tokens: their observed scores and billed output tokens (NaN where unknown)."""
         ensemble = QualityEnsemble.fit(features, score, params.mlp)
         memory = features[:, :dim].astype(np.float32)
-        return cls(_module(ensemble, memory, score, tokens, dim, params), ensemble.n_features, dim)
+        return cls(NeighbourBlend(ensemble, memory, score, tokens, dim, params), ensemble.n_features)
 
     def predict(self, features: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(quality, neighbour output tokens), each prompts x models."""
-        import torch
-
         quality, tokens = [], []
         with torch.no_grad():
             for start in range(0, len(features), chunk):
-                q, t = self._module(torch.tensor(features[start : start + chunk], dtype=torch.float32))
+                q, t = self.module(torch.tensor(features[start : start + chunk], dtype=torch.float32))
                 quality.append(q.numpy().astype(float))
                 tokens.append(t.numpy().astype(float))
         if not quality:
@@ -225,50 +276,29 @@ class QualityBlend:
 
     def to_onnx(self) -> onnx.ModelProto:
         """One graph from `features` to OUTPUTS: the int8 neighbour search, then `combine`."""
-        import torch
-
-        module = self._module
-
-        class Combine(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.blend = module
-
-            def forward(
-                self, features: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-                return self.blend.combine(features, sims, idx)
-
         example = torch.zeros((2, self.n_features), dtype=torch.float32)
-        sims, idx = module.neighbours(example)
+        sims, idx = self.module.neighbours(example)
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                Combine().eval(),
+                _Combine(self.module).eval(),
                 (example, sims, idx),
                 buffer,  # type: ignore[arg-type]  # torch accepts a file-like object
                 dynamo=False,
                 input_names=["features", "sims", "idx"],
                 output_names=list(OUTPUTS),
                 dynamic_axes={name: {0: "batch"} for name in ("features", "sims", "idx", *OUTPUTS)},
-                opset_version=17,
+                opset_version=OPSET,
             )
-        model = onnx.load_from_string(buffer.getvalue())
-        graph = model.graph
-        distinct_memory = module.memory.numpy().T.copy()  # n x dim; the module keeps it transposed
-        nodes, inits = _int8_search(distinct_memory, self._dim, sims.shape[1], "sims", "idx")
-        kept = [i for i in graph.input if i.name == "features"]
-        del graph.input[:]
-        graph.input.extend(kept)
-        combined = [*nodes, *graph.node]
-        del graph.node[:]
-        graph.node.extend(combined)
-        graph.initializer.extend(inits)
-        # the memory only feeds the search now; drop torch's copy if the export kept it
-        used = {t for n in graph.node for t in n.input}
-        unused = [i for i in graph.initializer if i.name not in used]
-        for i in unused:
-            graph.initializer.remove(i)
+        combine = onnx.load_from_string(buffer.getvalue())
+        search = _search_graph(
+            self.module.distinct_memory(), self.n_features, self.module.dim, int(sims.shape[1])
+        )
+        search.ir_version = combine.ir_version
+        search = onnx.compose.add_prefix(search, "search/", rename_inputs=False, rename_outputs=False)
+        model = onnx.compose.merge_models(
+            search, combine, io_map=[("sims", "sims"), ("idx", "idx"), ("features_out", "features")]
+        )
         onnx.checker.check_model(model)
         return model

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from router.estimator import open_bundle
+from router.core.engine import open_engine
 from training.embed_cache import EmbeddingCache
 from training.knn import K_CHOICES, KnnRouter
 from training.metrics import Evaluation, evaluate
-from training.predict import estimate_table
 from training.settings import TrainSettings
 from training.tables import RoutingTable, TableError, carve_validation, complete_rows, load_table
 
@@ -24,9 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def knn_baseline(
-    train: RoutingTable, test: RoutingTable, cache: EmbeddingCache, c_ref: float
+    train: RoutingTable, test_embeddings: np.ndarray, cache: EmbeddingCache, c_ref: float
 ) -> tuple[np.ndarray, np.ndarray, int, dict[int, float]]:
-    """Predictions of the kNN router on `test`, k chosen by AIQ on validation carved from `train`."""
+    """Predictions of the kNN router on the test prompts, k chosen by AIQ on validation carved from
+    `train`. Training prompts' embeddings come from the cache: the embedder computes each prompt
+    alone, so a cached embedding is the one the engine would compute."""
     fit, val = carve_validation(train)
     emb_fit = cache.embed(list(fit.prompts["prompt"]))
     emb_val = cache.embed(list(val.prompts["prompt"]))
@@ -40,15 +41,15 @@ def knn_baseline(
     knn = KnnRouter(
         cache.embed(list(train.prompts["prompt"])), train.matrix("score"), train.matrix("cost_usd"), best_k
     )
-    q_test, c_test = knn.predict(cache.embed(list(test.prompts["prompt"])))
+    q_test, c_test = knn.predict(test_embeddings)
     return q_test, c_test, best_k, scores
 
 
 def evaluate_bundle(bundle_dir: Path, data_dir: Path, split: str, report_dir: Path) -> dict:
     settings = TrainSettings()
-    estimator = open_bundle(bundle_dir, provider="cpu")
+    bundle, engine = open_engine(bundle_dir, provider="cpu")
     table = load_table(data_dir)
-    models = list(estimator.bundle.models)
+    models = list(engine.models)
     if sorted(models) != sorted(table.models):
         raise TableError(
             f"{table.name}: its models ({len(table.models)}) are not the bundle's ({len(models)}); "
@@ -56,21 +57,23 @@ def evaluate_bundle(bundle_dir: Path, data_dir: Path, split: str, report_dir: Pa
         )
     train, test = table.split("train"), table.split(split)
     order = [table.models.index(m) for m in models]
-    est = estimate_table(estimator, test, settings)
+    features = engine.featurize(list(test.prompts["prompt"]))
+    est = engine.estimate_features(features)
     complete = complete_rows(test)
     score = test.matrix("score")[:, order][complete]
     cost = test.matrix("cost_usd")[:, order][complete]
-    c_ref = estimator.bundle.manifest.policy.c_ref_usd
+    c_ref = engine.policy.c_ref_usd
     strong = _strong_model(train, models)
     router = evaluate(models, score, cost, est.quality[complete], est.cost_usd[complete], c_ref, strong)
 
-    cache = EmbeddingCache(settings.cache_dir, estimator.bundle.embedder)
-    q_knn, c_knn, k, k_scores = knn_baseline(train, test, cache, c_ref)
+    cache = EmbeddingCache(settings.cache_dir, bundle.embedder)
+    dim = bundle.embedder.dim
+    q_knn, c_knn, k, k_scores = knn_baseline(train, features.features[:, :dim], cache, c_ref)
     knn = evaluate(models, score, cost, q_knn[:, order][complete], c_knn[:, order][complete], c_ref, strong)
     figures = {
         "table": table.name,
         "split": split,
-        "bundle_version": estimator.bundle.version,
+        "bundle_version": engine.version,
         "router": router.figures,
         "knn": knn.figures | {"k": k, "validation_aiq_by_k": {str(kk): v for kk, v in k_scores.items()}},
     }

@@ -7,20 +7,19 @@ with a message naming the problem rather than training on garbage.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from training.errors import TableError
+
 PROMPT_COLUMNS = ("prompt_id", "prompt", "split")
 OUTCOME_COLUMNS = ("prompt_id", "model", "score")
 PRICE_COLUMNS = ("model", "input_usd_per_mtok", "output_usd_per_mtok")
 SPLITS = ("train", "test")
-
-
-class TableError(ValueError):
-    """A routing table that cannot be used as it is; the message names the problem."""
 
 
 def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
@@ -122,10 +121,11 @@ class RoutingTable:
         outcomes = self.outcomes[self.outcomes["prompt_id"].isin(keep)].reset_index(drop=True)
         return RoutingTable(self.name, prompts, outcomes, self.prices)
 
-    def matrix(self, column: str) -> np.ndarray:
-        """(prompts x models) array of an outcome column, NaN where the pair is unobserved."""
+    def matrix(self, column: str, models: Sequence[str] | None = None) -> np.ndarray:
+        """(prompts x models) array of an outcome column, NaN where the pair is unobserved; columns
+        in the order of `models` (default: this table's)."""
         wide = self.outcomes.pivot(index="prompt_id", columns="model", values=column)
-        wide = wide.reindex(index=self.prompts["prompt_id"], columns=self.models)
+        wide = wide.reindex(index=self.prompts["prompt_id"], columns=list(models or self.models))
         return wide.to_numpy(dtype=float, na_value=np.nan)
 
     def fingerprint(self) -> str:
@@ -171,6 +171,7 @@ def carve_validation(
     return table.subset(ids[~is_val]), table.subset(ids[is_val])
 
 
-def complete_rows(table: RoutingTable) -> np.ndarray:
+def complete_rows(table: RoutingTable, models: Sequence[str] | None = None) -> np.ndarray:
     """Mask of prompts that every model answered with a known cost (where METRICS.md evaluates)."""
-    return ~(np.isnan(table.matrix("score")).any(axis=1) | np.isnan(table.matrix("cost_usd")).any(axis=1))
+    score, cost = table.matrix("score", models), table.matrix("cost_usd", models)
+    return ~(np.isnan(score).any(axis=1) | np.isnan(cost).any(axis=1))

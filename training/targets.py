@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from router.pricing import PER_TOKEN, TokenEstimator
+from router.core.pricing import PER_TOKEN, TokenEstimator
 from training.tables import RoutingTable
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.helpers import edit_manifest
+
 ROUTER = [sys.executable, "-m", "router.cli"]
 
 
@@ -148,25 +150,29 @@ def test_user_errors_are_one_line_and_exit_2(small_bundle: Path, tmp_path: Path)
 
 
 def _faulty(small_bundle: Path, tmp_path: Path, fault: str) -> Path:
-    from router.embedder import file_sha256
+    from router.core.embedder import file_sha256
 
     bundle = tmp_path / fault
     shutil.copytree(small_bundle, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
     heads = bundle / "heads.onnx"
-    if fault == "corrupt_onnx":
-        heads.write_bytes(b"\x08\x07garbage")
-        manifest["files"]["heads.onnx"] = file_sha256(heads)
-    elif fault == "checksum_mismatch":
-        data = bytearray(heads.read_bytes())
-        data[-10] ^= 0x10
-        heads.write_bytes(bytes(data))
-    elif fault == "path_escape":
-        manifest["heads"]["file"] = "../heads.onnx"
-        manifest["files"]["../heads.onnx"] = manifest["files"].pop("heads.onnx")
-    elif fault == "missing_file":
-        (bundle / "embedder" / "embedder.onnx").unlink()
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    def change(manifest: dict) -> None:
+        if fault == "corrupt_onnx":
+            heads.write_bytes(b"\x08\x07garbage")
+            manifest["files"]["heads.onnx"] = file_sha256(heads)
+        elif fault == "checksum_mismatch":
+            data = bytearray(heads.read_bytes())
+            data[-10] ^= 0x10
+            heads.write_bytes(bytes(data))
+        elif fault == "path_escape":
+            manifest["heads"]["file"] = "../heads.onnx"
+            manifest["files"]["../heads.onnx"] = manifest["files"].pop("heads.onnx")
+        elif fault == "missing_file":
+            (bundle / "embedder" / "embedder.onnx").unlink()
+        elif fault == "edited_manifest":
+            manifest["policy"]["default_cost_weight"] = 0.5
+
+    edit_manifest(bundle, change, reseal=fault != "edited_manifest")
     return bundle
 
 
@@ -177,6 +183,7 @@ def _faulty(small_bundle: Path, tmp_path: Path, fault: str) -> Path:
         ("checksum_mismatch", "file 'heads.onnx': sha256 mismatch"),
         ("path_escape", "path '../heads.onnx' escapes the bundle directory"),
         ("missing_file", "file 'embedder/embedder.onnx' is listed in the manifest but missing"),
+        ("edited_manifest", "manifest_sha256 does not match the manifest's content"),
     ],
 )
 def test_serve_refuses_a_faulty_bundle_at_start_up(

@@ -17,18 +17,16 @@ import grpc
 import pytest
 
 from router.v1 import router_pb2, router_pb2_grpc
-from tests.helpers import router_stub, running_server
+from tests.helpers import edit_manifest, router_stub, running_server
 
 PROMPT = "Which gas makes up most of the Earth's atmosphere?"
 LONG_PROMPT = "Explain, step by step, how a compiler turns source code into machine code. " * 30
 
 
 def _variant(bundle: Path, target: Path, version: str) -> Path:
-    """A copy of a real bundle under another version name (the manifest is not checksummed)."""
+    """A copy of a real bundle under another version name."""
     shutil.copytree(bundle, target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["bundle_version"] = version
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(target, lambda m: m.update(bundle_version=version))
     return target
 
 
@@ -117,16 +115,8 @@ def _drop_file(bundle: Path) -> None:
 
 
 def _extra_model(bundle: Path) -> None:
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["models"].append(
-        {
-            "name": "phantom",
-            "input_usd_per_mtok": 1.0,
-            "output_usd_per_mtok": 1.0,
-            "output_tokens_known": True,
-        }
-    )
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    phantom = {"name": "phantom", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0, "output_tokens_known": True}
+    edit_manifest(bundle, lambda m: m["models"].append(phantom))
 
 
 def _metric(srv, name: str, labels: str) -> float:

@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from router.client import channel
+from router.serving.client import channel
 from router.v1 import router_pb2, router_pb2_grpc
 from tests.helpers import certificate, running_server, write_pem
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.config import ServeSettings
+from router.serving.config import ServeSettings
 from tests.ops.support import K8S, RULES, load_yaml, load_yaml_all
 
 BASE = K8S / "base"

@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from router.bundle import BundleError, load_bundle
-from router.embedder import file_sha256
-from router.estimator import open_bundle
+from router.core.bundle import load_bundle
+from router.core.embedder import file_sha256
+from router.core.engine import open_engine
+from router.core.errors import BundleError
+from router.core.manifest import Manifest
+from tests.helpers import edit_manifest
 
 
 @pytest.fixture
@@ -20,25 +22,33 @@ def bundle_copy(small_bundle: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _edit_manifest(bundle: Path, change) -> None:
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
-
-
 def test_a_good_bundle_loads_and_describes_itself(small_bundle: Path) -> None:
-    estimator = open_bundle(small_bundle, provider="cpu")
-    m = estimator.bundle.manifest
-    assert m.format_version == 1
-    assert len(m.models) == 29 and estimator.bundle.heads.n_models == 29
+    bundle, engine = open_engine(small_bundle, provider="cpu")
+    m = bundle.manifest
+    assert m.format_version == 2
+    assert len(m.models) == 29 and bundle.heads.n_models == 29
     assert m.embedder.dim == 384 and m.embedder.precision == "int8"
     assert set(m.files) == {"embedder/embedder.onnx", "embedder/tokenizer.json", "heads.onnx"}
     assert m.policy.c_ref_usd > 0 and 0 <= m.policy.default_cost_weight <= 1
-    assert len(m.training["data_fingerprint"]) == 64
-    assert {"aiq", "gap_closed"} <= set(m.training["validation_metrics"])
-    est = estimator.estimate_texts(["What is 2 + 2?", "Explain the Krebs cycle."])
+    assert m.policy.default_preset == "cost-30"
+    assert m.policy.presets["cost-30"].cost_weight == m.policy.default_cost_weight
+    assert len(m.training.data_fingerprint) == 64
+    assert 0 < m.training.validation_metrics.aiq_zero < m.training.validation_metrics.aiq_oracle
+    est = engine.estimate(["What is 2 + 2?", "Explain the Krebs cycle."])
     assert est.quality.shape == (2, 29) and (est.cost_usd > 0).all()
+
+
+def test_the_manifest_reads_back_as_it_was_written(small_bundle: Path, tmp_path: Path) -> None:
+    manifest = Manifest.read(small_bundle)
+    manifest.write(tmp_path)
+    assert Manifest.read(tmp_path) == manifest
+    assert (tmp_path / "manifest.json").read_text() == (small_bundle / "manifest.json").read_text()
+
+
+def test_a_manifest_edited_without_its_checksum_is_refused(bundle_copy: Path) -> None:
+    edit_manifest(bundle_copy, lambda m: m["policy"].update({"default_cost_weight": 0.9}), reseal=False)
+    with pytest.raises(BundleError, match="manifest_sha256 does not match"):
+        load_bundle(bundle_copy)
 
 
 def test_flipped_byte_in_an_onnx_file_is_refused(bundle_copy: Path) -> None:
@@ -53,7 +63,7 @@ def test_flipped_byte_in_an_onnx_file_is_refused(bundle_copy: Path) -> None:
 def test_corrupt_onnx_with_a_matching_checksum_is_refused(bundle_copy: Path) -> None:
     heads = bundle_copy / "heads.onnx"
     heads.write_bytes(b"not an onnx graph")
-    _edit_manifest(bundle_copy, lambda m: m["files"].update({"heads.onnx": file_sha256(heads)}))
+    edit_manifest(bundle_copy, lambda m: m["files"].update({"heads.onnx": file_sha256(heads)}))
     with pytest.raises(BundleError, match=r"heads\.onnx: not a loadable ONNX model"):
         load_bundle(bundle_copy)
 
@@ -71,14 +81,14 @@ def test_a_model_the_heads_do_not_have_is_refused(bundle_copy: Path) -> None:
         "output_usd_per_mtok": 2.0,
         "output_tokens_known": True,
     }
-    _edit_manifest(bundle_copy, lambda m: m["models"].append(extra))
+    edit_manifest(bundle_copy, lambda m: m["models"].append(extra))
     with pytest.raises(BundleError, match="heads predict 29 models, the manifest lists 30"):
         load_bundle(bundle_copy)
 
 
 @pytest.mark.parametrize("escape", ["../outside.onnx", "/etc/passwd.json", "embedder/../../x.json"])
 def test_paths_escaping_the_bundle_are_refused(bundle_copy: Path, escape: str) -> None:
-    _edit_manifest(bundle_copy, lambda m: m["files"].update({escape: "0" * 64}))
+    edit_manifest(bundle_copy, lambda m: m["files"].update({escape: "0" * 64}))
     with pytest.raises(BundleError, match="escapes the bundle directory"):
         load_bundle(bundle_copy)
 
@@ -87,14 +97,14 @@ def test_symlink_escaping_the_bundle_is_refused(bundle_copy: Path, tmp_path: Pat
     outside = tmp_path / "outside.json"
     outside.write_text("{}")
     (bundle_copy / "link.json").symlink_to(outside)
-    _edit_manifest(bundle_copy, lambda m: m["files"].update({"link.json": file_sha256(outside)}))
+    edit_manifest(bundle_copy, lambda m: m["files"].update({"link.json": file_sha256(outside)}))
     with pytest.raises(BundleError, match="escapes the bundle directory"):
         load_bundle(bundle_copy)
 
 
 def test_only_onnx_and_json_files_are_accepted(bundle_copy: Path) -> None:
     (bundle_copy / "heads.pkl").write_bytes(b"\x80\x04")
-    _edit_manifest(
+    edit_manifest(
         bundle_copy, lambda m: m["files"].update({"heads.pkl": file_sha256(bundle_copy / "heads.pkl")})
     )
     with pytest.raises(BundleError, match="only ONNX and JSON"):
@@ -102,8 +112,8 @@ def test_only_onnx_and_json_files_are_accepted(bundle_copy: Path) -> None:
 
 
 def test_unknown_format_version_and_broken_manifest_are_refused(bundle_copy: Path) -> None:
-    _edit_manifest(bundle_copy, lambda m: m.update({"format_version": 99}))
-    with pytest.raises(BundleError, match="format_version 99 is not supported"):
+    edit_manifest(bundle_copy, lambda m: m.update({"format_version": 99}))
+    with pytest.raises(BundleError, match="format_version 99 is not supported.*retrain"):
         load_bundle(bundle_copy)
     (bundle_copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not readable JSON"):
@@ -111,6 +121,6 @@ def test_unknown_format_version_and_broken_manifest_are_refused(bundle_copy: Pat
 
 
 def test_manifest_field_errors_name_the_field(bundle_copy: Path) -> None:
-    _edit_manifest(bundle_copy, lambda m: m["policy"].update({"c_ref_usd": -1}))
+    edit_manifest(bundle_copy, lambda m: m["policy"].update({"c_ref_usd": -1}))
     with pytest.raises(BundleError, match=r"invalid manifest at policy\.c_ref_usd"):
         load_bundle(bundle_copy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from router.policy import Estimate, Preferences, choose, decide
+from router.core.policy import Estimate, Preferences, choose, decide
 
 C_REF = 1e-4
 ESTIMATES = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from router.pricing import Prices, TokenEstimator
+from router.core.pricing import Prices, TokenEstimator
 
 
 def test_cost_is_input_times_input_price_plus_output_times_output_price() -> None:

@@ -1,4 +1,4 @@
-"""Per-model LightGBM heads: one booster per model for one target.
+"""Per-model LightGBM boosters for one target (output length), with their ONNX export.
 
 The output-length head is Poisson regression (log link), so its prediction is a mean number of
 tokens, which is what an expected cost needs. Boosting rounds are chosen per model by early
@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
+
+from training.onnx_graph import INPUT, columns, constant_part
 
 log = logging.getLogger(__name__)
+# onnxmltools' LightGBM converter goes up to this opset; onnx_graph brings the part to its own.
+LIGHTGBM_OPSET = 15
 
 
 @dataclass(frozen=True)
-class HeadParams:
+class BoosterParams:
     # lr 0.3 and at most 100 rounds: ~1,700 trees for mmlu_pro's 29 models against ~3,800 at
     # 0.15 / 200, and on validation carved from train (5 carvings) no worse once averaged with the
     # neighbours' output lengths. Each tree is paid for on every Route call.
@@ -55,7 +60,7 @@ class HeadParams:
 
 
 @dataclass
-class PerModelHeads:
+class Boosters:
     """Per model (in `models` order): a booster, or a constant where nothing could be learnt."""
 
     objective: str
@@ -64,8 +69,23 @@ class PerModelHeads:
     rounds: list[int] = field(default_factory=list)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """LightGBM's own predictions, for checking the ONNX export against."""
+        """prompts x models, as LightGBM computes it."""
         return np.column_stack([_predict(h, features) for h in self.heads])
+
+    def to_onnx(self, n_features: int, output: str = "columns") -> onnx.ModelProto:
+        """`features` -> `output` (prompts x models), the same values as `predict`."""
+        return columns(n_features, [_booster_graph(h, n_features) for h in self.heads], output)
+
+
+def _booster_graph(head: object, n_features: int) -> onnx.ModelProto:
+    if isinstance(head, float):
+        return constant_part(n_features, head, "constant")
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    return onnxmltools.convert_lightgbm(
+        head, initial_types=[(INPUT, FloatTensorType([None, n_features]))], target_opset=LIGHTGBM_OPSET
+    )
 
 
 def _predict(head: object, features: np.ndarray) -> np.ndarray:
@@ -77,7 +97,7 @@ def _predict(head: object, features: np.ndarray) -> np.ndarray:
 class _Binned:
     """Features binned once and shared by every model's boosters (binning dominates small fits)."""
 
-    def __init__(self, x: np.ndarray, x_val: np.ndarray, params: HeadParams) -> None:
+    def __init__(self, x: np.ndarray, x_val: np.ndarray, params: BoosterParams) -> None:
         import lightgbm as lgb
 
         config = params.lightgbm("regression")  # binning only: the objective is set per fit
@@ -101,7 +121,7 @@ def _fit_one(
     binned: _Binned,
     y: np.ndarray,
     y_val: np.ndarray,
-    params: HeadParams,
+    params: BoosterParams,
     rounds: int | None,
 ) -> tuple[object, int]:
     import lightgbm as lgb
@@ -131,11 +151,11 @@ def fit_per_model(
     y: np.ndarray,
     x_val: np.ndarray,
     y_val: np.ndarray,
-    params: HeadParams,
+    params: BoosterParams,
     rounds: list[int] | None = None,
-) -> PerModelHeads:
+) -> Boosters:
     """Fits each model's booster on its observed rows; rounds come from validation unless given."""
-    out = PerModelHeads(objective, models)
+    out = Boosters(objective, models)
     binned = _Binned(x, x_val, params)
     for j in range(len(models)):
         head, n = _fit_one(

@@ -119,6 +119,10 @@ class Metrics:
             self.decisions.labels(model=model)
             self.predicted_spend.labels(model=model)
 
+    def record_decision(self, model: str, predicted_cost_usd: float) -> None:
+        self.decisions.labels(model=model).inc()
+        self.predicted_spend.labels(model=model).inc(predicted_cost_usd)
+
     def set_provider(self, provider: str) -> None:
         self.provider_info.clear()
         self.provider_info.labels(provider=provider).set(1)

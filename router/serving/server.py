@@ -12,17 +12,20 @@ import contextlib
 import logging
 import signal
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from router.config import ServeSettings
-from router.grpc_api import RouterServicer
-from router.interceptors import BearerToken, ErrorsAndMetrics
-from router.metrics import Metrics
-from router.service import Limits, RouterService
+from router.serving.bundle_store import BundleStore
+from router.serving.config import ServeSettings
+from router.serving.grpc_api import RouterServicer
+from router.serving.interceptors import BearerToken, ErrorsAndMetrics
+from router.serving.metrics import Metrics
+from router.serving.requests import Limits
+from router.serving.service import RouterService
 from router.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,14 +42,11 @@ def limits_of(settings: ServeSettings) -> Limits:
         max_in_flight=settings.max_in_flight,
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
-        embed_batch_size=settings.embed_batch_size,
     )
 
 
-def _read(path: object) -> bytes:
-    from pathlib import Path
-
-    return Path(str(path)).read_bytes()
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 class RouterServer:
@@ -55,14 +55,10 @@ class RouterServer:
         self.metrics = metrics or Metrics()
         self.limits = limits_of(settings)
         self.metrics.max_in_flight.set(settings.max_in_flight)
-        self.service = RouterService(
-            settings.bundle,
-            self.limits,
-            self.metrics,
-            provider=settings.provider,
-            threads=settings.threads,
-            log_prompts=settings.log_prompts,
+        self.store = BundleStore(
+            settings.bundle, self.metrics, provider=settings.provider, threads=settings.threads
         )
+        self.service = RouterService(self.store, self.limits, self.metrics, log_prompts=settings.log_prompts)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -91,7 +87,7 @@ class RouterServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.service, self.limits), self._server)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (
@@ -124,8 +120,7 @@ class RouterServer:
         )
 
         started = time.perf_counter()
-        await asyncio.get_running_loop().run_in_executor(None, self.service.load_initial)
-        self.service.start()
+        await asyncio.get_running_loop().run_in_executor(None, self.store.load_initial)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING (bundle loaded and warm in %.2f s)", time.perf_counter() - started)
@@ -136,7 +131,7 @@ class RouterServer:
         while True:
             await asyncio.sleep(self.settings.bundle_poll_s)
             try:
-                await self.service.reload_if_changed()
+                await self.store.reload_if_changed()
             except Exception:  # the watcher must outlive any one bad attempt
                 log.exception("bundle watch failed")
 

@@ -35,8 +35,12 @@ def choose_provider(requested: str = "auto") -> str:
     return wanted
 
 
-def make_session(path: Path, *, provider: str = "auto", threads: int = 0, spinning: bool = False) -> Any:
-    """An inference session with full graph optimisation; threads=0 lets ONNX Runtime decide."""
+def make_session(
+    source: Path | bytes, *, provider: str = "auto", threads: int = 0, spinning: bool = False
+) -> Any:
+    """An inference session with full graph optimisation; threads=0 lets ONNX Runtime decide.
+
+    `source` is an ONNX file, or a serialised graph (the trainer runs its heads before writing them)."""
     ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -50,7 +54,9 @@ def make_session(path: Path, *, provider: str = "auto", threads: int = 0, spinni
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     chosen = choose_provider(provider)
     providers = [chosen] if chosen == CPU else [chosen, CPU]
+    name = source.name if isinstance(source, Path) else "graph"
+    model = source if isinstance(source, bytes) else str(source)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-        raise ValueError(f"{path.name}: not a loadable ONNX model ({exc})") from exc
+        raise ValueError(f"{name}: not a loadable ONNX model ({exc})") from exc

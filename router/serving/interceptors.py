@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 
-from router.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, RouterError
-from router.metrics import Metrics
+from router.core.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, RouterError
+from router.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -41,13 +41,6 @@ class ServeSettings(BaseSettings):
         description="How long a batch may wait for more prompts once the engine is free; 0 = never wait, "
         "so a lone request pays nothing (batches still form while the engine is busy).",
     )
-    embed_batch_size: int = Field(
-        default=8,
-        ge=1,
-        le=1024,
-        description="Prompts per encoder run within a batch, grouped by length. On a CPU small runs "
-        "win (padding and cache misses grow with the run); on a GPU raise it.",
-    )
     max_in_flight: int = Field(
         default=256, ge=1, description="Route calls admitted at once; beyond it: RESOURCE_EXHAUSTED at once."
     )

@@ -1,4 +1,4 @@
-"""The service's error taxonomy. Domain code raises these; one interceptor maps them to gRPC codes."""
+"""The error taxonomy. Domain code raises these; the gRPC layer maps each kind to one status code."""
 
 from __future__ import annotations
 
@@ -25,3 +25,7 @@ class NotReady(RouterError):
 
 class DeadlineExceeded(RouterError):
     """The caller's deadline passed before the work could finish."""
+
+
+class BundleError(Exception):
+    """A bundle that must not be served; the message says why."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import grpc
 
 from router import __version__
-from router.service import Limits, RouteQuery, RouteResult, RouterService
+from router.serving.requests import RouteQuery, RouteResult
+from router.serving.service import RouterService
 from router.v1 import router_pb2, router_pb2_grpc
 
 
@@ -41,9 +44,8 @@ def to_response(result: RouteResult) -> router_pb2.RouteResponse:
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, service: RouterService, limits: Limits) -> None:
+    def __init__(self, service: RouterService) -> None:
         self._service = service
-        self._limits = limits
 
     async def Route(
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
@@ -54,7 +56,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListModelsResponse:
-        bundle = self._service.active.estimator.bundle
+        version, models = self._service.models()
         return router_pb2.ListModelsResponse(
             models=[
                 router_pb2.ModelInfo(
@@ -62,38 +64,32 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     input_usd_per_mtok=m.input_usd_per_mtok,
                     output_usd_per_mtok=m.output_usd_per_mtok,
                 )
-                for m in bundle.manifest.models
+                for m in models
             ],
-            bundle_version=bundle.version,
+            bundle_version=version,
         )
 
     async def Info(
         self, request: router_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.InfoResponse:
-        active = self._service.active
-        bundle = active.estimator.bundle
-        m = bundle.manifest
+        info = self._service.info()
         return router_pb2.InfoResponse(
-            bundle_version=m.bundle_version,
-            bundle_created_at=m.created_at,
-            embedder_sha256=m.embedder.sha256,
-            embedding_dim=m.embedder.dim,
-            default_cost_weight=m.policy.default_cost_weight,
-            c_ref_usd=m.policy.c_ref_usd,
+            bundle_version=info.bundle_version,
+            bundle_created_at=info.bundle_created_at,
+            embedder_sha256=info.embedder_sha256,
+            embedding_dim=info.embedding_dim,
+            default_cost_weight=info.default_cost_weight,
+            c_ref_usd=info.c_ref_usd,
             presets=[
                 router_pb2.Preset(name=name, cost_weight=p.cost_weight, description=p.description)
-                for name, p in sorted(m.policy.presets.items())
+                for name, p in sorted(info.presets.items())
             ],
-            execution_provider=bundle.embedder.provider,
+            execution_provider=info.execution_provider,
             server_version=__version__,
-            max_prompt_chars=self._limits.max_prompt_chars,
-            max_batch_size=self._limits.max_batch_size,
-            max_in_flight=self._limits.max_in_flight,
-            bundle_loaded_at=_iso(active.loaded_at),
+            max_prompt_chars=info.limits.max_prompt_chars,
+            max_batch_size=info.limits.max_batch_size,
+            max_in_flight=info.limits.max_in_flight,
+            bundle_loaded_at=datetime.fromtimestamp(info.bundle_loaded_at, tz=timezone.utc).isoformat(
+                timespec="seconds"
+            ),
         )
-
-
-def _iso(ts: float) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")

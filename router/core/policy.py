@@ -45,6 +45,10 @@ class Decision:
     cost_weight: float
     scored: tuple[Scored, ...]
 
+    @property
+    def chosen(self) -> Scored:
+        return next(s for s in self.scored if s.estimate.model == self.model)
+
 
 def utility(quality: Number, cost: Number, w: float, c_ref: float) -> Number:
     """Works on floats (one call's decision) and arrays (the evaluator's sweep) alike."""

@@ -1,0 +1,162 @@
+"""The service: admission, micro-batching onto the engine, what it reports, and draining.
+
+Knows nothing of protobuf or gRPC. Each call is validated against the bundle it was admitted under
+and finishes on that bundle, even if the store swaps in a new one meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from router.core.engine import Engine
+from router.core.errors import DeadlineExceeded, NotReady, Overloaded
+from router.core.manifest import ModelSpec, PresetSpec
+from router.core.policy import Preferences
+from router.serving.batching import MicroBatcher
+from router.serving.bundle_store import BundleStore
+from router.serving.metrics import Metrics
+from router.serving.requests import Limits, RouteQuery, RouteResult, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    engine: Engine
+    prompt: str
+    prefs: Preferences
+    submitted: float
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What `Info` reports: the active bundle, the runtime and the limits."""
+
+    bundle_version: str
+    bundle_created_at: str
+    bundle_loaded_at: float
+    embedder_sha256: str
+    embedding_dim: int
+    default_cost_weight: float
+    c_ref_usd: float
+    presets: dict[str, PresetSpec]
+    execution_provider: str
+    limits: Limits
+
+
+class RouterService:
+    def __init__(
+        self, store: BundleStore, limits: Limits, metrics: Metrics, *, log_prompts: bool = False
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+        self._in_flight = 0
+        self._accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # One engine thread: ONNX Runtime already spreads a run over the cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._batcher: MicroBatcher[_Job, RouteResult] = MicroBatcher(
+            self._run_batch,
+            max_batch=limits.max_batch_size,
+            max_wait_s=limits.max_batch_wait_s,
+            executor=self._executor,
+        )
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def route(self, query: RouteQuery, timeout_s: float | None = None) -> RouteResult:
+        if not self._accepting:
+            raise NotReady("shutting down")
+        if self._in_flight >= self.limits.max_in_flight:
+            raise Overloaded(f"more than {self.limits.max_in_flight} calls in flight; retry with backoff")
+        engine = self.store.active.engine
+        prefs = validate(query, engine, self.limits)
+        self._in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            future = self._batcher.submit(_Job(engine, query.prompt, prefs, time.perf_counter()))
+            try:
+                result = await asyncio.wait_for(future, timeout_s)
+            except asyncio.TimeoutError as exc:
+                raise DeadlineExceeded("deadline passed before the route was computed") from exc
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+            if self._in_flight == 0:
+                self._idle.set()
+        if self.log_prompts:  # opt-in only: prompts may hold secrets or personal data
+            log.info("routed prompt %r -> %s", query.prompt[:2000], result.decision.model)
+        return result
+
+    def _run_batch(self, jobs: Sequence[_Job]) -> list[RouteResult]:
+        """Runs in the engine thread: one engine run per bundle present in the batch (a swap can
+        leave calls admitted under the old bundle beside calls under the new one)."""
+        started = time.perf_counter()
+        m = self.metrics
+        for job in jobs:
+            m.stage_seconds.labels(stage="queue").observe(started - job.submitted)
+        m.batch_size.observe(len(jobs))
+        results: list[RouteResult] = [None] * len(jobs)  # type: ignore[list-item]
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(id(job.engine), []).append(i)
+        for idx in groups.values():
+            engine = jobs[idx[0]].engine
+            routed = engine.route([jobs[i].prompt for i in idx], [jobs[i].prefs for i in idx])
+            m.stage_seconds.labels(stage="embed").observe(routed.embed_s)
+            m.stage_seconds.labels(stage="heads").observe(routed.heads_s)
+            m.stage_seconds.labels(stage="policy").observe(routed.policy_s)
+            input_tokens = routed.estimates.input_tokens.tolist()
+            for row, (i, decision) in enumerate(zip(idx, routed.decisions, strict=True)):
+                results[i] = RouteResult(decision, engine.version, int(input_tokens[row]))
+                m.record_decision(decision.model, decision.chosen.estimate.cost_usd)
+        return results
+
+    # -- what it reports -------------------------------------------------------------------
+
+    def models(self) -> tuple[str, list[ModelSpec]]:
+        """(bundle version, the candidate models with their prices)."""
+        bundle = self.store.active.bundle
+        return bundle.version, list(bundle.manifest.models)
+
+    def info(self) -> ServiceInfo:
+        active = self.store.active
+        m = active.bundle.manifest
+        return ServiceInfo(
+            bundle_version=m.bundle_version,
+            bundle_created_at=m.created_at,
+            bundle_loaded_at=active.loaded_at,
+            embedder_sha256=m.embedder.sha256,
+            embedding_dim=m.embedder.dim,
+            default_cost_weight=m.policy.default_cost_weight,
+            c_ref_usd=m.policy.c_ref_usd,
+            presets=dict(m.policy.presets),
+            execution_provider=active.bundle.embedder.provider,
+            limits=self.limits,
+        )
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def drain(self, grace_s: float) -> bool:
+        """Waits for admitted calls to finish; True if they all did within the grace period."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        self._batcher.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)

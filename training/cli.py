@@ -1,0 +1,145 @@
+"""The training stack's `router` commands: train, convert, predict, eval, bench.
+
+Registered through the `router.commands` entry point. Loading this module fails with ImportError
+where the `train` extra is not installed, and `router` then simply does not list these commands.
+Everything heavy is imported inside the command that needs it, so that `router --help` and
+`router serve` stay fast where the extra is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from training.errors import TableError
+
+# What these commands import; checked up front, without importing it (torch alone takes seconds).
+REQUIRED = ("torch", "transformers", "lightgbm", "onnx", "onnxmltools", "pandas", "pyarrow", "matplotlib")
+_missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+if _missing:
+    raise ImportError(f"the train extra is not installed (missing: {', '.join(_missing)})")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.pipeline import TrainConfig, train_bundle
+
+    config = TrainConfig(precision=args.precision, seed=args.seed, max_prompts=args.max_prompts)
+    manifest = train_bundle(Path(args.data), Path(args.out), config)
+    figures = manifest.training.validation_metrics
+    print(f"bundle {manifest.bundle_version} written to {args.out}")
+    print(f"validation: AIQ {figures.aiq:.4f}, gap closed {figures.gap_closed:.3f}")
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in manifest.training.durations_s.items()))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from training.adapters import load_routerbench, load_sprout, write_canonical
+
+    name = args.name or Path(args.out).name
+    if args.format == "sprout":
+        table = load_sprout(args.source, Path(args.prices), name=name)
+    else:
+        table = load_routerbench(Path(args.source), Path(args.prices), name=name)
+    write_canonical(table, Path(args.out))
+    print(
+        f"wrote {len(table.prompts)} prompts, {len(table.outcomes)} outcomes, "
+        f"{len(table.models)} models to {args.out}"
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from training.predict import predict_to_parquet
+
+    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, Path(args.out))
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.report import evaluate_bundle
+
+    figures = evaluate_bundle(Path(args.bundle), Path(args.data), args.split, Path(args.report))
+    r, k = figures["router"], figures["knn"]
+    print(
+        f"{figures['table']} ({args.split}, {r['prompts']} prompts): gap closed {r['gap_closed']:.3f} "
+        f"(kNN {k['gap_closed']:.3f}), AIQ {r['aiq']:.4f} (kNN {k['aiq']:.4f}, zero {r['aiq_zero']:.4f}, "
+        f"oracle {r['aiq_oracle']:.4f})"
+    )
+    print(f"report: {Path(args.report) / 'report.md'}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from training.bench import format_report, run_bench, write_json
+
+    result = run_bench(
+        args.server,
+        args.metrics_url,
+        Path(args.bundle),
+        Path(args.data),
+        n_prompts=args.prompts,
+        concurrency=tuple(args.concurrency),
+        calls_per_level=args.calls,
+        threads=args.threads,
+        soak=args.soak,
+    )
+    print(format_report(result))
+    if args.json:
+        write_json(result, Path(args.json))
+    return 0
+
+
+def register(sub: Any) -> tuple[type[Exception], ...]:
+    """Adds the training commands to the `router` parser; returns the user-error types."""
+    p = sub.add_parser("train", help="train a bundle on the train split of a routing table")
+    p.add_argument("--data", required=True, help="routing table directory (canonical layout)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="embedder precision")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the validation carving (and of --max-prompts sampling)"
+    )
+    p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("convert", help="convert SPROUT or RouterBench data to the canonical table layout")
+    p.add_argument("--format", required=True, choices=["sprout", "routerbench"])
+    p.add_argument(
+        "--source", required=True, help="SPROUT: hub id or local dataset path; RouterBench: .pkl or .csv"
+    )
+    p.add_argument("--prices", required=True, help="CSV: model,input_usd_per_mtok,output_usd_per_mtok")
+    p.add_argument("--out", required=True, help="directory to write the canonical table into")
+    p.add_argument("--name", default=None, help="table name (default: the output directory's name)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("predict", help="write a bundle's estimates for every (prompt, model) of a split")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--out", required=True, help="parquet file")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("eval", help="evaluate a bundle against the kNN reference, zero router and oracle")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--report", required=True, help="output directory for metrics.json, curve.png, report.md")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="benchmark a running server against the raw embedder (prints figures)")
+    p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--metrics-url", default="http://localhost:9090/metrics", help="the server's /metrics")
+    p.add_argument(
+        "--bundle", required=True, help="the bundle the server serves (its embedder is timed alone)"
+    )
+    p.add_argument("--data", required=True, help="routing table whose test prompts are sent")
+    p.add_argument("--prompts", type=int, default=256, help="distinct prompts used")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--calls", type=int, default=512, help="calls per concurrency level")
+    p.add_argument("--threads", type=int, default=0, help="embedder threads, as the server's --threads")
+    p.add_argument("--soak", type=int, default=0, help="then this many calls at c=32, reporting RSS growth")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=_bench)
+    return (TableError,)

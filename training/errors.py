@@ -1,0 +1,7 @@
+"""Errors of the training side that are the user's to fix (a message, exit status 2)."""
+
+from __future__ import annotations
+
+
+class TableError(ValueError):
+    """A routing table that cannot be used as it is; the message names the problem."""

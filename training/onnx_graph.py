@@ -1,0 +1,166 @@
+"""Assembling ONNX graphs from parts with `onnx.compose`, so that a batch needs one session call.
+
+A part is an ONNX model whose one input is `features` (batch x F, float32) and whose outputs are
+(batch x models) tensors: the quality blend exported by torch, the LightGBM boosters converted by
+onnxmltools. `fan_out` feeds `features` to several parts at once; `assemble` turns their outputs
+into the heads graph's two outputs, each a weighted sum of part outputs:
+
+    quality = clip(sum of weight x part output, 0, 1),  output_tokens = relu(sum of the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+INPUT = "features"
+OPSET = 17
+ML_OPSET = 1
+# Every part is brought to these before merging (onnx.compose merges only equal versions).
+IR_VERSION = 8
+
+# (part name, which of its outputs, weight): one term of a weighted sum of (batch x models) tensors
+Term = tuple[str, str, float]
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
+        producer_name="cost-aware-router",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _normalised(part: onnx.ModelProto) -> onnx.ModelProto:
+    """`part` at this module's IR version and default-domain opset.
+
+    onnxmltools writes LightGBM at opset 15; its operators (TreeEnsembleRegressor, Exp, Identity,
+    Concat, Reshape, Cast) are unchanged up to 17, and `check_model` below proves it for each part."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(part)
+    copy.ir_version = IR_VERSION
+    for opset in copy.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = OPSET
+    if not any(o.domain == "ai.onnx.ml" for o in copy.opset_import):
+        copy.opset_import.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
+    onnx.checker.check_model(copy)
+    return copy
+
+
+def fan_out(n_features: int, parts: Mapping[str, onnx.ModelProto]) -> onnx.ModelProto:
+    """One model: `features` in, every part's outputs out, named `<part>/<output>`."""
+    splitter = _model(
+        helper.make_graph(
+            [helper.make_node("Identity", [INPUT], [f"{name}/{INPUT}"]) for name in parts],
+            "fan_out",
+            [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", n_features])],
+            [
+                helper.make_tensor_value_info(f"{name}/{INPUT}", TensorProto.FLOAT, ["batch", n_features])
+                for name in parts
+            ],
+        )
+    )
+    merged = splitter
+    for name, part in parts.items():
+        (source,) = [
+            i.name for i in part.graph.input if i.name not in {t.name for t in part.graph.initializer}
+        ]
+        if source != INPUT:
+            raise ValueError(f"part {name!r} reads {source!r}, not {INPUT!r}")
+        prefixed = onnx.compose.add_prefix(_normalised(part), f"{name}/")
+        merged = onnx.compose.merge_models(merged, prefixed, io_map=[(f"{name}/{INPUT}", f"{name}/{INPUT}")])
+    return merged
+
+
+def constant_part(n_features: int, value: float, output: str) -> onnx.ModelProto:
+    """A part giving `value` for every prompt (a model whose target could not be learnt)."""
+    zero = numpy_helper.from_array(np.zeros((n_features, 1), dtype=np.float32), "zero_weights")
+    const = numpy_helper.from_array(np.array([value], dtype=np.float32), "constant_value")
+    return _model(
+        helper.make_graph(
+            [
+                helper.make_node("MatMul", [INPUT, "zero_weights"], ["zeros"]),
+                helper.make_node("Add", ["zeros", "constant_value"], [output]),
+            ],
+            "constant",
+            [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", n_features])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 1])],
+            initializer=[zero, const],
+        )
+    )
+
+
+def columns(n_features: int, parts: Sequence[onnx.ModelProto], output: str) -> onnx.ModelProto:
+    """Parts of one (batch x 1) output each, side by side as one (batch x len(parts)) `output`."""
+    named = {f"c{j}": part for j, part in enumerate(parts)}
+    sources = [f"{name}/{part.graph.output[0].name}" for name, part in named.items()]
+    concat = _model(
+        helper.make_graph(
+            [helper.make_node("Concat", sources, [output], axis=1)],
+            "columns",
+            [helper.make_tensor_value_info(s, TensorProto.FLOAT, ["batch", 1]) for s in sources],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", len(parts)])],
+        )
+    )
+    return onnx.compose.merge_models(
+        fan_out(n_features, named), concat, io_map=[(s, s) for s in sources], outputs=[output]
+    )
+
+
+def assemble(
+    n_features: int,
+    n_models: int,
+    parts: Mapping[str, onnx.ModelProto],
+    quality: Sequence[Term],
+    output_tokens: Sequence[Term],
+) -> onnx.ModelProto:
+    """The heads graph: `features` -> `quality` and `output_tokens`, each a weighted sum of terms."""
+    sources = sorted({f"{part}/{out}" for part, out, _ in (*quality, *output_tokens)})
+    for source in sources:
+        part, out = source.split("/", 1)
+        if part not in parts or out not in {o.name for o in parts[part].graph.output}:
+            raise ValueError(f"no part output {source!r}")
+    nodes: list[onnx.NodeProto] = []
+    inits = [
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+    ]
+
+    def weighted_sum(terms: Sequence[Term], out: str) -> None:
+        summands = []
+        for k, (part, name, weight) in enumerate(terms):
+            inits.append(numpy_helper.from_array(np.array(weight, dtype=np.float32), f"{out}_w{k}"))
+            nodes.append(helper.make_node("Mul", [f"{part}/{name}", f"{out}_w{k}"], [f"{out}_t{k}"]))
+            summands.append(f"{out}_t{k}")
+        nodes.append(helper.make_node("Sum", summands, [out]))
+
+    weighted_sum(quality, "quality_raw")
+    weighted_sum(output_tokens, "output_tokens_raw")
+    nodes.append(helper.make_node("Clip", ["quality_raw", "zero", "one"], ["quality"]))
+    nodes.append(helper.make_node("Relu", ["output_tokens_raw"], ["output_tokens"]))
+    combiner = _model(
+        helper.make_graph(
+            nodes,
+            "combine",
+            [helper.make_tensor_value_info(s, TensorProto.FLOAT, ["batch", n_models]) for s in sources],
+            [
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n_models])
+                for name in ("quality", "output_tokens")
+            ],
+            initializer=inits,
+        )
+    )
+    model = onnx.compose.merge_models(
+        fan_out(n_features, parts),
+        combiner,
+        io_map=[(s, s) for s in sources],
+        outputs=["quality", "output_tokens"],
+    )
+    onnx.checker.check_model(model)
+    return model
