@@ -40,7 +40,7 @@ prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-test: setup prometheus  ## the whole suite, slow tests included
+test: setup prometheus lint typecheck  ## lint, format and type checks, then the whole suite
 	$(BIN)/python -m pytest
 
 lint:

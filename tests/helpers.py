@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import threading
 import json
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path

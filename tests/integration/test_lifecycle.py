@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -115,7 +114,12 @@ def _drop_file(bundle: Path) -> None:
 
 
 def _extra_model(bundle: Path) -> None:
-    phantom = {"name": "phantom", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 1.0, "output_tokens_known": True}
+    phantom = {
+        "name": "phantom",
+        "input_usd_per_mtok": 1.0,
+        "output_usd_per_mtok": 1.0,
+        "output_tokens_known": True,
+    }
     edit_manifest(bundle, lambda m: m["models"].append(phantom))
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+
 from router.core.bundle import load_bundle
 from router.core.embedder import file_sha256
 from router.core.engine import open_engine
@@ -113,7 +113,7 @@ def test_only_onnx_and_json_files_are_accepted(bundle_copy: Path) -> None:
 
 def test_unknown_format_version_and_broken_manifest_are_refused(bundle_copy: Path) -> None:
     edit_manifest(bundle_copy, lambda m: m.update({"format_version": 99}))
-    with pytest.raises(BundleError, match="format_version 99 is not supported.*retrain"):
+    with pytest.raises(BundleError, match=r"format_version 99 is not supported.*retrain"):
         load_bundle(bundle_copy)
     (bundle_copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not readable JSON"):
