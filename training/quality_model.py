@@ -71,14 +71,16 @@ def _pooled(inverse: np.ndarray, n: int, values: np.ndarray) -> tuple[np.ndarray
     return sums, counts
 
 
-def _sum_neighbours(values: torch.Tensor) -> torch.Tensor:
-    """batch x k x models -> batch x models, summed over the k neighbours.
+def _sum_neighbours(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """batch x k x models -> batch x models: the sum over the k neighbours, weighted by `weights`
+    (batch x k) if given.
 
-    Summed along the last axis, after a transpose: ONNX Runtime reduces a middle axis by another
-    path when the batch has one row than when it has more, which made a lone prompt's estimates
-    differ (by ~1e-7) from the same prompt's in a batch. A last-axis sum takes one path for any
-    batch size, so a prompt's estimates do not depend on its batch (a test holds this)."""
-    return values.transpose(1, 2).sum(-1)
+    Written as one (1 x k) @ (k x models) product per prompt. A prompt's estimate must not depend
+    on its batch, and ONNX Runtime sums a middle axis by another path for a batch of one than for
+    more (its graph optimiser turns a transposed last-axis sum back into that); a batched product
+    has the same shape per prompt whatever the batch size."""
+    w = torch.ones_like(values[:, :, 0]) if weights is None else weights
+    return torch.matmul(w.unsqueeze(1), values).squeeze(1)
 
 
 class NeighbourBlend(torch.nn.Module):
@@ -147,9 +149,9 @@ class NeighbourBlend(torch.nn.Module):
             count > 0, _sum_neighbours(got[:, : self.k_mean]) / count.clamp(min=1.0), self.fallback
         )
         prior = 0.5 * (mlp + near)
-        weight = torch.exp((sims - 1.0) / self.tau).unsqueeze(-1)
-        numerator = _sum_neighbours(got * weight) + self.alpha * prior
-        denominator = _sum_neighbours(seen * weight) + self.alpha
+        weight = torch.exp((sims - 1.0) / self.tau)
+        numerator = _sum_neighbours(got, weight) + self.alpha * prior
+        denominator = _sum_neighbours(seen, weight) + self.alpha
         return numerator / denominator, out_tokens
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

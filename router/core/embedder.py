@@ -9,16 +9,23 @@ and never batched with other prompts. A prompt's embedding is then a function of
 alone, bit for bit, whatever else is in flight. Batching prompts together does not give that: the
 int8 encoder quantises its activations with one scale per input tensor, so each prompt's features
 depended on its neighbours in the queue (up to 0.03 per coordinate), and even the fp32 graph's
-pooling took another summation path for a batch of one than for larger batches (docs/BENCHMARKS.md
-has the measurements, and the cost in throughput).
+pooling took another summation path for a batch of one than for larger batches.
+
+Several prompts are encoded side by side instead, one single-threaded run per worker thread; a
+lone prompt gets every thread. The number of threads inside a run does not change its arithmetic
+(tests hold both properties), and on a small CPU prompts side by side beat both threads on one
+prompt and padded batches (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +46,14 @@ class TokenizedPrompt:
     full_tokens: int  # word pieces of the whole prompt, without special tokens
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -48,7 +63,7 @@ def file_sha256(path: Path) -> str:
 
 
 class Embedder:
-    """Tokenizes prompts and encodes each one alone."""
+    """Tokenizes prompts and encodes each one alone; several at once on `threads` workers."""
 
     def __init__(
         self,
@@ -72,9 +87,16 @@ class Embedder:
         if sep is None:
             raise ValueError(f"{self.tokenizer_path}: tokenizer has no [SEP] token")
         self._sep_id = sep
-        self._session = make_session(self.onnx_path, provider=provider, threads=threads)
-        self.provider = self._session.get_providers()[0]
-        self.dim = int(self._session.get_outputs()[0].shape[-1])
+        self.workers = threads or available_cores()
+        self._lone = make_session(self.onnx_path, provider=provider, threads=self.workers)
+        self._each = self._lone
+        self._pool: ThreadPoolExecutor | None = None
+        if self.workers > 1:
+            # one session, run from several threads at once (ONNX Runtime allows concurrent runs)
+            self._each = make_session(self.onnx_path, provider=provider, threads=1)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="encoder")
+        self.provider = self._lone.get_providers()[0]
+        self.dim = int(self._lone.get_outputs()[0].shape[-1])
         self.sha256 = hashlib.sha256(
             "".join(
                 [file_sha256(self.onnx_path), file_sha256(self.tokenizer_path), str(max_tokens), ENCODING]
@@ -94,14 +116,22 @@ class Embedder:
 
     def embed_tokenized(self, prompts: Sequence[TokenizedPrompt]) -> np.ndarray:
         result = np.empty((len(prompts), self.dim), dtype=np.float32)
-        for row, prompt in enumerate(prompts):
-            result[row] = self._encode(prompt.ids)
+        if len(prompts) == 1 or self._pool is None:
+            for row, prompt in enumerate(prompts):
+                result[row] = _encode(self._lone, prompt.ids)
+            return result
+        # longest first, so that no worker is left with a long prompt at the end
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids))
+        encoded = self._pool.map(lambda i: _encode(self._each, prompts[i].ids), order)
+        for row, vector in zip(order, encoded, strict=True):
+            result[row] = vector
         return result
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self.embed_tokenized(self.tokenize(texts))
 
-    def _encode(self, ids: np.ndarray) -> np.ndarray:
-        input_ids = ids[None, :]
-        (emb,) = self._session.run(None, {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)})
-        return np.asarray(emb[0], dtype=np.float32)
+
+def _encode(session: Any, ids: np.ndarray) -> np.ndarray:
+    input_ids = ids[None, :]
+    (emb,) = session.run(None, {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)})
+    return np.asarray(emb[0], dtype=np.float32)

@@ -164,10 +164,10 @@ def test_engine_estimates_do_not_depend_on_the_batch(small_bundle: Path, data_di
     from router.core.engine import open_engine
 
     _, engine = open_engine(small_bundle, provider="cpu")
-    prompts = list(load_table(data_dir / "dcrouter").split("test").prompts["prompt"][:48])
+    prompts = list(load_table(data_dir / "dcrouter").split("test").prompts["prompt"][:192])
     alone = [engine.estimate([p]) for p in prompts]
     rng = random.Random(0)
-    for start in range(0, 48, 12):
+    for start in range(0, 192, 12):
         batch = prompts[start : start + 12]
         order = list(range(12))
         rng.shuffle(order)
