@@ -8,13 +8,16 @@ stopping on validation, then reused when refitting on all of `train`.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
-from training.onnx_graph import INPUT, columns, constant_part
+from training.onnx_graph import INPUT, model_of
 
 log = logging.getLogger(__name__)
 # onnxmltools' LightGBM converter goes up to this opset; onnx_graph brings the part to its own.
@@ -73,19 +76,113 @@ class Boosters:
         return np.column_stack([_predict(h, features) for h in self.heads])
 
     def to_onnx(self, n_features: int, output: str = "columns") -> onnx.ModelProto:
-        """`features` -> `output` (prompts x models), the same values as `predict`."""
-        return columns(n_features, [_booster_graph(h, n_features) for h in self.heads], output)
+        """`features` -> `output` (prompts x models), the same values as `predict`.
+
+        Every model's trees go into one TreeEnsembleRegressor (each tree adds to its model's
+        column), followed by one link function: two operator calls per batch instead of two per
+        model, each of which has a fixed cost that a lone prompt pays for."""
+        link = LINKS[self.objective]
+        merged: dict[str, Any] = {name: [] for name in TREE_ATTRIBUTES}
+        trees = 0
+        for j, head in enumerate(self.heads):
+            # a constant column is one tree of one leaf (ONNX Runtime adds base values only to
+            # columns that have trees)
+            attrs = (
+                _stump(link.inverse(head)) if isinstance(head, float) else _converted(head, n_features, link)
+            )
+            for name, values in attrs.items():
+                if name in ("nodes_treeids", "target_treeids"):
+                    values = [t + trees for t in values]
+                elif name == "target_ids":
+                    values = [j] * len(values)
+                merged[name].extend(values)
+            trees = max(merged["nodes_treeids"]) + 1
+        raw = "raw" if link.op else output
+        nodes = [
+            helper.make_node(
+                "TreeEnsembleRegressor",
+                [INPUT],
+                [raw],
+                domain="ai.onnx.ml",
+                n_targets=len(self.heads),
+                post_transform="NONE",
+                aggregate_function="SUM",
+                **merged,
+            )
+        ]
+        if link.op:
+            nodes.append(helper.make_node(link.op, [raw], [output]))
+        graph = helper.make_graph(
+            nodes,
+            "boosters",
+            [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", n_features])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", len(self.heads)])],
+        )
+        return model_of(graph)
 
 
-def _booster_graph(head: object, n_features: int) -> onnx.ModelProto:
-    if isinstance(head, float):
-        return constant_part(n_features, head, "constant")
+@dataclass(frozen=True)
+class Link:
+    """How a booster's raw score becomes its prediction, as an ONNX operator (None: identity)."""
+
+    op: str | None
+    inverse: Callable[[float], float]
+
+
+# exp(-1e30) is exactly 0 in float32: the raw score of a model whose mean is 0
+LINKS = {
+    "poisson": Link("Exp", lambda mean: math.log(mean) if mean > 0 else -1e30),
+    "regression": Link(None, float),
+}
+# What describes a tree ensemble (lists, concatenated when ensembles are merged).
+TREE_ATTRIBUTES = (
+    "nodes_falsenodeids",
+    "nodes_featureids",
+    "nodes_hitrates",
+    "nodes_missing_value_tracks_true",
+    "nodes_modes",
+    "nodes_nodeids",
+    "nodes_treeids",
+    "nodes_truenodeids",
+    "nodes_values",
+    "target_ids",
+    "target_nodeids",
+    "target_treeids",
+    "target_weights",
+)
+
+
+def _stump(raw: float) -> dict[str, list]:
+    """A tree of one leaf, worth `raw`."""
+    leaf: dict[str, list] = {
+        "nodes_modes": [b"LEAF"],
+        "nodes_hitrates": [1.0],
+        "nodes_values": [0.0],
+        "target_weights": [raw],
+    }
+    return {name: leaf.get(name, [0]) for name in TREE_ATTRIBUTES}
+
+
+def _converted(booster: object, n_features: int, link: Link) -> dict[str, list]:
+    """The trees of onnxmltools' conversion of one booster, checked to be the plain
+    TreeEnsembleRegressor (+ link) that merging assumes."""
     import onnxmltools
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    return onnxmltools.convert_lightgbm(
-        head, initial_types=[(INPUT, FloatTensorType([None, n_features]))], target_opset=LIGHTGBM_OPSET
+    graph = onnxmltools.convert_lightgbm(
+        booster, initial_types=[(INPUT, FloatTensorType([None, n_features]))], target_opset=LIGHTGBM_OPSET
+    ).graph
+    ops = [n.op_type for n in graph.node]
+    if ops != ["TreeEnsembleRegressor", *([link.op] if link.op else [])]:
+        raise ValueError(f"unexpected LightGBM conversion {ops}; expected a tree ensemble and {link.op}")
+    attrs = {a.name: helper.get_attribute_value(a) for a in graph.node[0].attribute}
+    trees = {k: list(v) for k, v in attrs.items() if k.startswith(("nodes_", "target_"))}
+    plain = (
+        attrs.get("n_targets") == 1 and not attrs.get("base_values") and set(trees) == set(TREE_ATTRIBUTES)
     )
+    if not plain or attrs.get("post_transform", b"NONE") != b"NONE":
+        raise ValueError("unexpected LightGBM conversion: not a single-target sum of trees")
+    return trees
 
 
 def _predict(head: object, features: np.ndarray) -> np.ndarray:

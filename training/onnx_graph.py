@@ -1,8 +1,8 @@
 """Assembling ONNX graphs from parts with `onnx.compose`, so that a batch needs one session call.
 
 A part is an ONNX model whose one input is `features` (batch x F, float32) and whose outputs are
-(batch x models) tensors: the quality blend exported by torch, the LightGBM boosters converted by
-onnxmltools. `fan_out` feeds `features` to several parts at once; `assemble` turns their outputs
+(batch x models) tensors: the quality blend exported by torch, the LightGBM boosters as one tree
+ensemble. `fan_out` feeds `features` to several parts at once; `assemble` turns their outputs
 into the heads graph's two outputs, each a weighted sum of part outputs:
 
     quality = clip(sum of weight x part output, 0, 1),  output_tokens = relu(sum of the same).
@@ -26,7 +26,8 @@ IR_VERSION = 8
 Term = tuple[str, str, float]
 
 
-def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+def model_of(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """`graph` as a model at this module's IR version and opsets."""
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
@@ -37,25 +38,23 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
 
 
 def _normalised(part: onnx.ModelProto) -> onnx.ModelProto:
-    """`part` at this module's IR version and default-domain opset.
-
-    onnxmltools writes LightGBM at opset 15; its operators (TreeEnsembleRegressor, Exp, Identity,
-    Concat, Reshape, Cast) are unchanged up to 17, and `check_model` below proves it for each part."""
+    """`part` at this module's IR version, importing both opsets (onnx.compose merges only models
+    whose versions agree). A part written for another default-domain opset is refused."""
+    versions = {o.domain or "ai.onnx": o.version for o in part.opset_import}
+    if versions.get("ai.onnx", OPSET) != OPSET:
+        raise ValueError(f"part uses opset {versions['ai.onnx']}, the heads graph {OPSET}")
     copy = onnx.ModelProto()
     copy.CopyFrom(part)
     copy.ir_version = IR_VERSION
-    for opset in copy.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = OPSET
-    if not any(o.domain == "ai.onnx.ml" for o in copy.opset_import):
-        copy.opset_import.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
+    del copy.opset_import[:]
+    copy.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)])
     onnx.checker.check_model(copy)
     return copy
 
 
 def fan_out(n_features: int, parts: Mapping[str, onnx.ModelProto]) -> onnx.ModelProto:
     """One model: `features` in, every part's outputs out, named `<part>/<output>`."""
-    splitter = _model(
+    splitter = model_of(
         helper.make_graph(
             [helper.make_node("Identity", [INPUT], [f"{name}/{INPUT}"]) for name in parts],
             "fan_out",
@@ -76,41 +75,6 @@ def fan_out(n_features: int, parts: Mapping[str, onnx.ModelProto]) -> onnx.Model
         prefixed = onnx.compose.add_prefix(_normalised(part), f"{name}/")
         merged = onnx.compose.merge_models(merged, prefixed, io_map=[(f"{name}/{INPUT}", f"{name}/{INPUT}")])
     return merged
-
-
-def constant_part(n_features: int, value: float, output: str) -> onnx.ModelProto:
-    """A part giving `value` for every prompt (a model whose target could not be learnt)."""
-    zero = numpy_helper.from_array(np.zeros((n_features, 1), dtype=np.float32), "zero_weights")
-    const = numpy_helper.from_array(np.array([value], dtype=np.float32), "constant_value")
-    return _model(
-        helper.make_graph(
-            [
-                helper.make_node("MatMul", [INPUT, "zero_weights"], ["zeros"]),
-                helper.make_node("Add", ["zeros", "constant_value"], [output]),
-            ],
-            "constant",
-            [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", n_features])],
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 1])],
-            initializer=[zero, const],
-        )
-    )
-
-
-def columns(n_features: int, parts: Sequence[onnx.ModelProto], output: str) -> onnx.ModelProto:
-    """Parts of one (batch x 1) output each, side by side as one (batch x len(parts)) `output`."""
-    named = {f"c{j}": part for j, part in enumerate(parts)}
-    sources = [f"{name}/{part.graph.output[0].name}" for name, part in named.items()]
-    concat = _model(
-        helper.make_graph(
-            [helper.make_node("Concat", sources, [output], axis=1)],
-            "columns",
-            [helper.make_tensor_value_info(s, TensorProto.FLOAT, ["batch", 1]) for s in sources],
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", len(parts)])],
-        )
-    )
-    return onnx.compose.merge_models(
-        fan_out(n_features, named), concat, io_map=[(s, s) for s in sources], outputs=[output]
-    )
 
 
 def assemble(
@@ -144,7 +108,7 @@ def assemble(
     weighted_sum(output_tokens, "output_tokens_raw")
     nodes.append(helper.make_node("Clip", ["quality_raw", "zero", "one"], ["quality"]))
     nodes.append(helper.make_node("Relu", ["output_tokens_raw"], ["output_tokens"]))
-    combiner = _model(
+    combiner = model_of(
         helper.make_graph(
             nodes,
             "combine",

@@ -71,18 +71,6 @@ def _pooled(inverse: np.ndarray, n: int, values: np.ndarray) -> tuple[np.ndarray
     return sums, counts
 
 
-def _sum_neighbours(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """batch x k x models -> batch x models: the sum over the k neighbours, weighted by `weights`
-    (batch x k) if given.
-
-    Written as one (1 x k) @ (k x models) product per prompt. A prompt's estimate must not depend
-    on its batch, and ONNX Runtime sums a middle axis by another path for a batch of one than for
-    more (its graph optimiser turns a transposed last-axis sum back into that); a batched product
-    has the same shape per prompt whatever the batch size."""
-    w = torch.ones_like(values[:, :, 0]) if weights is None else weights
-    return torch.matmul(w.unsqueeze(1), values).squeeze(1)
-
-
 class NeighbourBlend(torch.nn.Module):
     """forward = combine(features, *neighbours(features)); the ONNX export runs `combine` after its
     own, cheaper neighbour search (see `_search_graph`). Returns (quality, output tokens): the second
@@ -96,6 +84,8 @@ class NeighbourBlend(torch.nn.Module):
     tokens: torch.Tensor
     has_tokens: torch.Tensor
     tokens_fallback: torch.Tensor
+    ones_mean: torch.Tensor
+    ones_tokens: torch.Tensor
 
     def __init__(
         self,
@@ -124,6 +114,8 @@ class NeighbourBlend(torch.nn.Module):
         self.register_buffer("tokens", torch.tensor(tokens_sum, dtype=torch.float32))
         self.register_buffer("has_tokens", torch.tensor(has_tokens, dtype=torch.float32))
         self.register_buffer("tokens_fallback", torch.tensor(_column_means(tokens), dtype=torch.float32))
+        self.register_buffer("ones_mean", torch.ones((1, 1, self.k_mean)))
+        self.register_buffer("ones_tokens", torch.ones((1, 1, self.k_tokens)))
         self.eval()
 
     def distinct_memory(self) -> np.ndarray:
@@ -138,21 +130,23 @@ class NeighbourBlend(torch.nn.Module):
     def combine(
         self, features: torch.Tensor, sims: torch.Tensor, idx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums over neighbours are (1 x k) @ (k x models) products, one per prompt, in
+        batch x 1 x models shapes until the end: ONNX Runtime sums a middle axis by another path
+        for a batch of one than for more, and a prompt's estimate must not depend on its batch;
+        a batched product has the same shape per prompt whatever the batch size."""
         near_idx = idx[:, : self.k_tokens]
-        counted = _sum_neighbours(self.has_tokens[near_idx])
-        total = _sum_neighbours(self.tokens[near_idx])
+        counted = self.ones_tokens @ self.has_tokens[near_idx]  # batch x 1 x models
+        total = self.ones_tokens @ self.tokens[near_idx]
         out_tokens = torch.where(counted > 0, total / counted.clamp(min=1.0), self.tokens_fallback)
-        mlp = self.mlp(features)
         got, seen = self.scores[idx], self.observed[idx]  # batch x k x models
-        count = _sum_neighbours(seen[:, : self.k_mean])
+        count = self.ones_mean @ seen[:, : self.k_mean]
         near = torch.where(
-            count > 0, _sum_neighbours(got[:, : self.k_mean]) / count.clamp(min=1.0), self.fallback
+            count > 0, (self.ones_mean @ got[:, : self.k_mean]) / count.clamp(min=1.0), self.fallback
         )
-        prior = 0.5 * (mlp + near)
-        weight = torch.exp((sims - 1.0) / self.tau)
-        numerator = _sum_neighbours(got, weight) + self.alpha * prior
-        denominator = _sum_neighbours(seen, weight) + self.alpha
-        return numerator / denominator, out_tokens
+        prior = 0.5 * (self.mlp(features).unsqueeze(1) + near)
+        weight = torch.exp((sims.unsqueeze(1) - 1.0) / self.tau)  # batch x 1 x k
+        quality = (weight @ got + self.alpha * prior) / (weight @ seen + self.alpha)
+        return quality.squeeze(1), out_tokens.squeeze(1)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.combine(features, *self.neighbours(features))
@@ -221,7 +215,8 @@ def _search_graph(memory: np.ndarray, n_features: int, dim: int, k: int) -> onnx
         node("Cast", ["dot_int"], ["dot_raw"], to=TensorProto.FLOAT),
         # the query's own scale is left out: it is positive and one per row, so ranks do not move
         node("Mul", ["dot_raw", "memory_scale"], ["approx"]),
-        node("TopK", ["approx", "candidates"], ["approx_top", "cand"], axis=1),
+        # candidates need no order among themselves (the exact ranking below gives it)
+        node("TopK", ["approx", "candidates"], ["approx_top", "cand"], axis=1, sorted=0),
         node("Gather", ["memory", "cand"], ["cand_vec"], axis=0),  # batch x c x dim
         node("Unsqueeze", ["query", "axis2"], ["query_col"]),  # batch x dim x 1
         node("MatMul", ["cand_vec", "query_col"], ["exact_col"]),

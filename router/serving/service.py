@@ -33,6 +33,11 @@ class _Job:
     submitted: float
 
 
+def _expire(future: asyncio.Future[RouteResult]) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded("deadline passed before the route was computed"))
+
+
 @dataclass(frozen=True)
 class ServiceInfo:
     """What `Info` reports: the active bundle, the runtime and the limits."""
@@ -82,13 +87,16 @@ class RouterService:
         self._in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.set(self._in_flight)
+        future = self._batcher.submit(_Job(engine, query.prompt, prefs, time.perf_counter()))
+        # The deadline fails the future itself (the batcher then skips it): no task or waiter of
+        # its own, which a lone call would pay for in event-loop turns.
+        loop = asyncio.get_running_loop()
+        expiry = None if timeout_s is None else loop.call_later(timeout_s, _expire, future)
         try:
-            future = self._batcher.submit(_Job(engine, query.prompt, prefs, time.perf_counter()))
-            try:
-                result = await asyncio.wait_for(future, timeout_s)
-            except asyncio.TimeoutError as exc:
-                raise DeadlineExceeded("deadline passed before the route was computed") from exc
+            result = await future
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
             if self._in_flight == 0:
