@@ -15,13 +15,13 @@ class Heads:
     def __init__(self, source: Path | bytes) -> None:
         """`source`: the bundle's heads file, or a serialised graph not yet written to one."""
         # On the CPU whatever the embedder uses: tree ensembles have no CUDA kernels (a GPU would
-        # only add copies). Batches run on one thread: split across threads whose spinning slowed
-        # the encoder beside them. A lone prompt is latency-bound instead, and gets two threads
-        # that spin rather than sleep between operators (docs/BENCHMARKS.md). Every operator of
-        # the graph computes a row from that row alone, so which session ran a prompt, and with
-        # which others, does not change its estimates (a test holds this).
+        # only add copies). One thread, one session, for a lone prompt and a batch alike: with more
+        # threads ONNX Runtime splits a lone row's trees across them and adds the partial sums in
+        # another order than for a batch, so a prompt's output length (and cost) would depend on
+        # whether it came alone. With one thread every operator computes a row from that row alone,
+        # in the same order, whatever the batch (a test holds this); a second thread bought a lone
+        # prompt about a tenth of a millisecond (docs/BENCHMARKS.md).
         self._session = make_session(source, provider="cpu", threads=1)
-        self._lone = make_session(source, provider="cpu", threads=2, spinning=True)
         name = source.name if isinstance(source, Path) else "heads graph"
         inputs = self._session.get_inputs()
         outputs = {o.name: o for o in self._session.get_outputs()}
@@ -37,6 +37,5 @@ class Heads:
 
     def run(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(quality, output tokens), each prompts x models, float64."""
-        session = self._lone if len(features) == 1 else self._session
-        quality, out_tokens = session.run(list(OUTPUTS), {self._input: features})
+        quality, out_tokens = self._session.run(list(OUTPUTS), {self._input: features})
         return quality.astype(np.float64), out_tokens.astype(np.float64)

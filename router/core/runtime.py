@@ -35,9 +35,7 @@ def choose_provider(requested: str = "auto") -> str:
     return wanted
 
 
-def make_session(
-    source: Path | bytes, *, provider: str = "auto", threads: int = 0, spinning: bool = False
-) -> Any:
+def make_session(source: Path | bytes, *, provider: str = "auto", threads: int = 0) -> Any:
     """An inference session with full graph optimisation; threads=0 lets ONNX Runtime decide.
 
     `source` is an ONNX file, or a serialised graph (the trainer runs its heads before writing them)."""
@@ -48,10 +46,9 @@ def make_session(
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # Idle ONNX Runtime workers spin by default; on a small, shared CPU box that steals the cores
-    # the gRPC event loop needs between batches. Measured on the 2-core machine under load, Route at
-    # c=32 over the raw embedder's best throughput went from 0.65-0.78 to 0.86-0.90 with spinning
-    # off; on a quiet machine the two were within run-to-run noise. Hence off unless asked for.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # the gRPC event loop needs between batches (Route throughput under load was measurably lower
+    # with spinning on; docs/BENCHMARKS.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = choose_provider(provider)
     providers = [chosen] if chosen == CPU else [chosen, CPU]
     name = source.name if isinstance(source, Path) else "graph"

@@ -148,7 +148,7 @@ def test_heads_model_and_its_graph_are_a_pair_and_the_graph_is_batch_invariant(m
     q, o = heads.run(x[500:])
     assert parity_problems((q_ref, o_ref), (q, o)) == []
     assert q.shape == (100, len(models)) and (q >= 0).all() and (q <= 1).all() and (o >= 0).all()
-    # a row's estimates are the same, bit for bit, alone (the lone-prompt session), in a batch of
+    # a row's estimates are the same, bit for bit, alone, in a batch of
     # two, and in a batch of 100 in another order
     rows = [heads.run(x[i : i + 1]) for i in range(500, 600)]
     pairs = [heads.run(x[i : i + 2]) for i in range(500, 600, 2)]
