@@ -61,6 +61,27 @@ def running_server(**overrides: Any) -> Iterator[ServerThread]:
         thread.stop()
 
 
+def serve_command(
+    router: list[str], bundle: Path, *, port: int = 0, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """`router serve` on loopback with an ephemeral metrics port; `router` is how to run the CLI."""
+    return [
+        *router,
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--metrics-host",
+        "127.0.0.1",
+        *extra,
+    ]
+
+
 @contextmanager
 def router_stub(address: str) -> Iterator[router_pb2_grpc.RouterStub]:
     channel = grpc.insecure_channel(address)

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from router.v1 import router_pb2, router_pb2_grpc
-from tests.helpers import edit_manifest, router_stub, running_server
+from tests.helpers import edit_manifest, router_stub, running_server, serve_command
 
 PROMPT = "Which gas makes up most of the Earth's atmosphere?"
 LONG_PROMPT = "Explain, step by step, how a compiler turns source code into machine code. " * 30
@@ -158,24 +158,7 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(small_bundle: Pat
 
 def test_sigterm_drains_accepted_calls_then_exits(small_bundle: Path) -> None:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "router.cli",
-            "serve",
-            "--bundle",
-            str(small_bundle),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--metrics-host",
-            "127.0.0.1",
-            "--grace-period-s",
-            "20",
-        ],
+        serve_command([sys.executable, "-m", "router.cli"], small_bundle, extra=("--grace-period-s", "20")),
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -15,12 +15,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.v1 import router_pb2
-from tests.helpers import router_stub
+from tests.helpers import router_stub, serve_command
+from training.bench import wait_serving
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_LIBRARIES = ("torch", "lightgbm", "transformers", "sentence_transformers", "pandas", "onnxmltools")
@@ -52,20 +51,7 @@ def served(serving_venv: Path, small_bundle: Path) -> Iterator[str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(
-        [
-            str(serving_venv / "bin" / "router"),
-            "serve",
-            "--bundle",
-            str(small_bundle),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--metrics-host",
-            "127.0.0.1",
-        ],
+        serve_command([str(serving_venv / "bin" / "router")], small_bundle, port=port),
         cwd=serving_venv,  # not the repository: the venv's own install must be what runs
         env=env,
         stdout=subprocess.DEVNULL,
@@ -74,19 +60,11 @@ def served(serving_venv: Path, small_bundle: Path) -> Iterator[str]:
     )
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service="router.v1.Router"), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "the serving install never became SERVING"
-                time.sleep(0.1)
+        try:
+            wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
+        except RuntimeError:
+            died = proc.poll() is not None and proc.stderr is not None
+            raise AssertionError(proc.stderr.read() if died else "never became SERVING") from None  # type: ignore[union-attr]
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)
