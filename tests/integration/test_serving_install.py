@@ -63,8 +63,8 @@ def served(serving_venv: Path, small_bundle: Path) -> Iterator[str]:
         try:
             wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
         except RuntimeError:
-            died = proc.poll() is not None and proc.stderr is not None
-            raise AssertionError(proc.stderr.read() if died else "never became SERVING") from None  # type: ignore[union-attr]
+            exited = proc.poll() is not None
+            raise AssertionError(proc.stderr.read() if exited and proc.stderr else "never SERVING") from None
         yield address
     finally:
         proc.send_signal(signal.SIGTERM)
