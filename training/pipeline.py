@@ -30,6 +30,7 @@ from training.bundle_writer import BundleContents, write_bundle
 from training.embed_cache import EmbeddingCache
 from training.embedder_export import ExportedEmbedder, cached_export
 from training.heads_model import KIND, HeadsModel, HeadsParams
+from training.reference import CALIBRATION_PROMPTS, Reference, prompt_key
 from training.settings import TrainSettings
 from training.tables import RoutingTable, carve_validation, load_table
 from training.targets import Targets, build_targets, fit_token_estimator
@@ -50,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     # For quick runs and tests: train on at most this many prompts of `train`.
     max_prompts: int | None = None
+    # Models of the table left out (the leave-one-model-out benchmark trains without each in turn).
+    exclude_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Prepared:
 
 
 def load_data(data_dir: Path, config: TrainConfig) -> TrainingData:
-    table = load_table(data_dir).split("train")
+    table = load_table(data_dir).without_models(config.exclude_models).split("train")
     if config.max_prompts and len(table.prompts) > config.max_prompts:
         keep = table.prompts.sample(n=config.max_prompts, random_state=config.seed)["prompt_id"]
         table = table.subset(keep)
@@ -181,9 +184,19 @@ def export(
             input_usd_per_mtok=float(row.input_usd_per_mtok),
             output_usd_per_mtok=float(row.output_usd_per_mtok),
             output_tokens_known=prepared.targets.output_tokens_known[row.model],
+            price_source=str(row.price_source),
         )
         for row in table.prices.itertuples(index=False)
     ]
+    validation_rows = np.nonzero(data.is_val)[0]
+    step = max(1, len(validation_rows) // CALIBRATION_PROMPTS)
+    reference = Reference(
+        list(table.models),
+        [prompt_key(t) for t in table.prompts["prompt"]],
+        prepared.targets.score,
+        prepared.targets.output_tokens,
+        encoded.features.rows(validation_rows[::step][:CALIBRATION_PROMPTS]),
+    )
     contents = BundleContents(
         table_name=table.name,
         embedder=encoded.embedder,
@@ -194,6 +207,7 @@ def export(
         token_estimator=prepared.token_map,
         policy=validated.policy,
         training=training,
+        reference=reference,
     )
     return write_bundle(out_dir, contents)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import TableError
+from training.implied_prices import fill_prices
 
 PROMPT_COLUMNS = ("prompt_id", "prompt", "split")
 OUTCOME_COLUMNS = ("prompt_id", "model", "score")
@@ -47,8 +48,8 @@ class RoutingTable:
     def _validate(self) -> None:
         _require(self.prompts, PROMPT_COLUMNS, f"{self.name} prompts")
         _require(self.outcomes, OUTCOME_COLUMNS, f"{self.name} outcomes")
-        _require(self.prices, PRICE_COLUMNS, f"{self.name} models")
-        p, o, m = self.prompts, self.outcomes, self.prices
+        _require(self.prices, ("model",), f"{self.name} models")
+        p, o = self.prompts, self.outcomes
         for col in ("input_tokens", "output_tokens", "cost_usd"):
             if col not in o.columns:
                 o[col] = pd.NA
@@ -79,13 +80,13 @@ class RoutingTable:
             raise TableError(
                 f"{self.name} outcomes: prompt_id {sorted(unknown_prompts)[0]!r} is not in prompts"
             )
-        if m["model"].duplicated().any():
-            raise TableError(
-                f"{self.name} models: duplicate model {m.loc[m['model'].duplicated(), 'model'].iloc[0]!r}"
-            )
-        unpriced = sorted(set(o["model"]) - set(m["model"]))
+        listed = self.prices["model"]
+        if listed.duplicated().any():
+            raise TableError(f"{self.name} models: duplicate model {listed[listed.duplicated()].iloc[0]!r}")
+        unpriced = sorted(set(o["model"]) - set(self.prices["model"]))
         if unpriced:
-            raise TableError(f"{self.name}: model {unpriced[0]!r} has outcomes but no price in models.csv")
+            raise TableError(f"{self.name}: model {unpriced[0]!r} has outcomes but no row in models.csv")
+        m = fill_prices(self.name, self.prices[self.prices["model"].isin(set(o["model"]))], o)
         for col in ("input_usd_per_mtok", "output_usd_per_mtok"):
             price = pd.to_numeric(m[col], errors="coerce")
             if price.isna().any() or (price < 0).any():
@@ -120,6 +121,18 @@ class RoutingTable:
         prompts = self.prompts[self.prompts["prompt_id"].isin(keep)].reset_index(drop=True)
         outcomes = self.outcomes[self.outcomes["prompt_id"].isin(keep)].reset_index(drop=True)
         return RoutingTable(self.name, prompts, outcomes, self.prices)
+
+    def without_models(self, models: Sequence[str]) -> RoutingTable:
+        """The same table without the outcomes and prices of `models` (each must be one of its own)."""
+        unknown = sorted(set(models) - set(self.models))
+        if unknown:
+            raise TableError(f"{self.name}: no model {unknown[0]!r} to leave out")
+        if not models:
+            return self
+        drop = set(models)
+        outcomes = self.outcomes[~self.outcomes["model"].isin(drop)].reset_index(drop=True)
+        prices = self.prices[~self.prices["model"].isin(drop)].reset_index(drop=True)
+        return RoutingTable(self.name, self.prompts, outcomes, prices)
 
     def matrix(self, column: str, models: Sequence[str] | None = None) -> np.ndarray:
         """(prompts x models) array of an outcome column, NaN where the pair is unobserved; columns

@@ -56,6 +56,10 @@ class ModelSpec(_Spec):
     input_usd_per_mtok: float = Field(ge=0)
     output_usd_per_mtok: float = Field(ge=0)
     output_tokens_known: bool
+    # Where the prices come from: the table's list prices, fitted from recorded costs, or a reprice.
+    price_source: str = "list price"
+    # How the heads know this model: trained on the routing table, or added from scored anchors.
+    origin: str = "trained"
 
 
 class TokenEstimatorSpec(_Spec):
@@ -105,6 +109,28 @@ class TrainingSpec(_Spec):
     durations_s: dict[str, float]
 
 
+class ReferenceSpec(_Spec):
+    """Files the fleet commands (add-model, remove-model, reprice) read; the service never does.
+
+    `outcomes`: the training prompts' observed scores and billed output tokens per model, keyed
+    by a hash of the prompt text (no prompt text), so that a new model's anchor outcomes can be
+    related to the other models' outcomes on the same prompts. `calibration`: the features of
+    validation prompts, on which presets and c_ref are recalibrated after a change."""
+
+    outcomes: str
+    calibration: str
+
+
+class ChangeSpec(_Spec):
+    """One change made to a bundle after training (add-model, remove-model, reprice)."""
+
+    op: str
+    at: str
+    from_version: str
+    models: list[str]
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class Manifest(_Spec):
     format_version: int
     bundle_version: str = Field(min_length=1)
@@ -117,6 +143,8 @@ class Manifest(_Spec):
     policy: PolicySpec
     training: TrainingSpec
     files: dict[str, str]
+    reference: ReferenceSpec | None = None
+    changes: list[ChangeSpec] = Field(default_factory=list)
 
     @field_validator("models")
     @classmethod

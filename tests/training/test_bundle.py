@@ -28,7 +28,15 @@ def test_a_good_bundle_loads_and_describes_itself(small_bundle: Path) -> None:
     assert m.format_version == 2
     assert len(m.models) == 29 and bundle.heads.n_models == 29
     assert m.embedder.dim == 384 and m.embedder.precision == "int8"
-    assert set(m.files) == {"embedder/embedder.onnx", "embedder/tokenizer.json", "heads.onnx"}
+    assert set(m.files) == {
+        "embedder/embedder.onnx",
+        "embedder/tokenizer.json",
+        "heads.onnx",
+        "reference/outcomes.json",
+        "reference/calibration.json",
+    }
+    assert m.reference is not None and m.changes == []
+    assert all(spec.price_source and spec.origin == "trained" for spec in m.models)
     assert m.policy.c_ref_usd > 0 and 0 <= m.policy.default_cost_weight <= 1
     assert m.policy.default_preset == "cost-30"
     assert m.policy.presets["cost-30"].cost_weight == m.policy.default_cost_weight
