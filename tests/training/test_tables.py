@@ -78,11 +78,33 @@ def test_duplicate_pair_is_refused(data_dir: Path, tmp_path: Path) -> None:
         load_table(_write(tmp_path, p, o, m))
 
 
-def test_model_without_a_price_is_refused(data_dir: Path, tmp_path: Path) -> None:
+def test_model_missing_from_models_csv_is_refused(data_dir: Path, tmp_path: Path) -> None:
     p, o, m = _copy(data_dir, tmp_path)
     dropped = m["model"].iloc[0]
-    with pytest.raises(TableError, match=f"{dropped}.*no price"):
+    with pytest.raises(TableError, match=f"{dropped}.*no row in models.csv"):
         load_table(_write(tmp_path, p, o, m.iloc[1:]))
+
+
+def test_missing_list_prices_are_fitted_from_recorded_costs(data_dir: Path, tmp_path: Path) -> None:
+    """As RouterBench publishes: cost_usd and token counts per call, no price list."""
+    p, o, m = _copy(data_dir, tmp_path)
+    listed = m.set_index("model")
+    table = load_table(_write(tmp_path, p, o, m.drop(columns=["input_usd_per_mtok", "output_usd_per_mtok"])))
+    fitted = table.prices.set_index("model")
+    for model in table.models:
+        for col in ("input_usd_per_mtok", "output_usd_per_mtok"):
+            assert fitted.loc[model, col] == pytest.approx(listed.loc[model, col], rel=0.02, abs=1e-3)
+        assert fitted.loc[model, "price_source"].startswith("fitted from")
+        assert "mean absolute error" in fitted.loc[model, "price_source"]
+
+
+def test_a_model_with_neither_prices_nor_recorded_costs_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    first = m["model"].iloc[0]
+    m.loc[0, "output_usd_per_mtok"] = None
+    o.loc[o["model"] == first, "cost_usd"] = None
+    with pytest.raises(TableError, match=f"{first}.*no list price.*cost_usd"):
+        load_table(_write(tmp_path, p, o, m))
 
 
 def test_missing_file_and_unknown_split_are_named(data_dir: Path, tmp_path: Path) -> None:
