@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from training.errors import TableError
+from training.errors import FleetError, TableError
 
 # What these commands import; checked up front, without importing it (torch alone takes seconds).
 REQUIRED = ("torch", "transformers", "lightgbm", "onnx", "onnxmltools", "pandas", "pyarrow", "matplotlib")
@@ -92,6 +92,52 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anchors(args: argparse.Namespace) -> int:
+    from training.fleet import choose_anchors
+
+    anchors = choose_anchors(Path(args.bundle), Path(args.data), args.n, seed=args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    anchors.to_parquet(out, index=False)
+    print(f"wrote {len(anchors)} anchor prompts to {out}")
+    return 0
+
+
+def _changed(manifest: Any, out: str) -> int:
+    change = manifest.changes[-1]
+    print(f"bundle {manifest.bundle_version} written to {out} ({change.op} {', '.join(change.models)})")
+    presets = ", ".join(f"{k} w={v.cost_weight:g}" for k, v in sorted(manifest.policy.presets.items()))
+    print(f"c_ref {manifest.policy.c_ref_usd:.3g} USD; presets {presets}")
+    return 0
+
+
+def _add_model(args: argparse.Namespace) -> int:
+    from training.fleet import add_model, read_scored
+
+    scored = read_scored(Path(args.prompts), Path(args.outcomes), args.model)
+    manifest = add_model(
+        Path(args.bundle),
+        Path(args.out),
+        args.model,
+        scored,
+        args.input_usd_per_mtok,
+        args.output_usd_per_mtok,
+    )
+    return _changed(manifest, args.out)
+
+
+def _remove_model(args: argparse.Namespace) -> int:
+    from training.fleet import remove_model
+
+    return _changed(remove_model(Path(args.bundle), Path(args.out), args.model), args.out)
+
+
+def _reprice(args: argparse.Namespace) -> int:
+    from training.fleet import reprice
+
+    return _changed(reprice(Path(args.bundle), Path(args.out), Path(args.prices)), args.out)
+
+
 def register(sub: Any) -> tuple[type[Exception], ...]:
     """Adds the training commands to the `router` parser; returns the user-error types."""
     p = sub.add_parser("train", help="train a bundle on the train split of a routing table")
@@ -142,4 +188,36 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     p.add_argument("--soak", type=int, default=0, help="then this many calls at c=32, reporting RSS growth")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=_bench)
-    return (TableError,)
+
+    p = sub.add_parser("anchors", help="choose the prompts a new model should be scored on (add-model)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, help="routing table whose train split the anchors come from")
+    p.add_argument("--n", type=int, required=True, help="how many anchors (200 is a good default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="parquet file with prompt_id, prompt")
+    p.set_defaults(func=_anchors)
+
+    p = sub.add_parser("add-model", help="a new bundle version with a model added from its scored anchors")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--model", required=True, help="the new model's name")
+    p.add_argument("--prompts", required=True, help="parquet: prompt_id, prompt (e.g. from `router anchors`)")
+    p.add_argument(
+        "--outcomes", required=True, help="parquet: prompt_id, model, score [, output_tokens] of the model"
+    )
+    p.add_argument("--input-usd-per-mtok", type=float, default=None, help="list price, USD per million")
+    p.add_argument("--output-usd-per-mtok", type=float, default=None, help="list price, USD per million")
+    p.add_argument("--out", required=True, help="directory of the new bundle version")
+    p.set_defaults(func=_add_model)
+
+    p = sub.add_parser("remove-model", help="a new bundle version without a model")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_remove_model)
+
+    p = sub.add_parser("reprice", help="a new bundle version with new list prices")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--prices", required=True, help="CSV: model,input_usd_per_mtok,output_usd_per_mtok")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_reprice)
+    return (TableError, FleetError)

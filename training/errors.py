@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class TableError(ValueError):
     """A routing table that cannot be used as it is; the message names the problem."""
+
+
+class FleetError(ValueError):
+    """A fleet change (anchors, add-model, remove-model, reprice) refused; the message says why."""

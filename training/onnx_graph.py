@@ -128,3 +128,48 @@ def assemble(
     )
     onnx.checker.check_model(model)
     return model
+
+
+# A column edit reads the heads graph's two outputs under these names and writes new ones.
+EDIT_INPUTS = ("quality_in", "output_tokens_in")
+HEADS_OUTPUTS = ("quality", "output_tokens")
+
+
+def batch_tensors(names: Sequence[str], width: int) -> list[onnx.ValueInfoProto]:
+    """Float (batch x width) graph inputs or outputs of these names."""
+    return [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", width]) for name in names]
+
+
+def select_columns(n_models: int, keep: Sequence[int]) -> onnx.ModelProto:
+    """The edit part that keeps the model columns `keep`, in that order."""
+    nodes = [
+        helper.make_node("Gather", [source, "keep"], [target], axis=1)
+        for source, target in zip(EDIT_INPUTS, HEADS_OUTPUTS, strict=True)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "select_columns",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n_models]) for name in EDIT_INPUTS],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", len(keep)])
+            for name in HEADS_OUTPUTS
+        ],
+        initializer=[numpy_helper.from_array(np.asarray(keep, dtype=np.int64), "keep")],
+    )
+    return model_of(graph)
+
+
+def chain(base: onnx.ModelProto, edit: onnx.ModelProto, tag: str) -> onnx.ModelProto:
+    """The heads graph `base` followed by a column edit: `features` in, the edited outputs out.
+
+    Everything of `base` but its input is renamed under `tag/`, so that edits can be stacked; the
+    base's nodes are untouched, so the columns an edit passes through keep their values."""
+    inner = onnx.compose.add_prefix(_normalised(base), f"{tag}/", rename_inputs=False)
+    model = onnx.compose.merge_models(
+        inner,
+        _normalised(edit),
+        io_map=[(f"{tag}/{out}", name) for out, name in zip(HEADS_OUTPUTS, EDIT_INPUTS, strict=True)],
+        outputs=list(HEADS_OUTPUTS),
+    )
+    onnx.checker.check_model(model)
+    return model

@@ -33,9 +33,15 @@ class Validated:
 
 
 def calibrate_presets(
-    q_pred: np.ndarray, c_pred: np.ndarray, score: np.ndarray, cost: np.ndarray, c_ref: float
+    q_pred: np.ndarray,
+    c_pred: np.ndarray,
+    score: np.ndarray,
+    cost: np.ndarray,
+    c_ref: float,
+    basis: str = "calibrated on validation",
 ) -> dict[str, PresetSpec]:
-    """For each preset, the smallest w whose decisions on validation cost at most the target."""
+    """For each preset, the smallest w whose decisions cost at most the target (`score` and `cost`:
+    what the decisions are judged by, observed outcomes or the estimates themselves)."""
     best = int(np.argmax(score.mean(axis=0)))
     best_cost = float(cost[:, best].mean())
     rows = np.arange(len(score))
@@ -49,7 +55,7 @@ def calibrate_presets(
         presets[name] = PresetSpec(
             cost_weight=round(w, 8),
             description=f"mean cost about {int(fraction * 100)}% of the most accurate single model's "
-            "(calibrated on validation)",
+            f"({basis})",
         )
     return presets
 

@@ -1,0 +1,353 @@
+"""The fleet changes, the bundle follows: choose anchors, add a model, remove one, reprice, without
+retraining.
+
+Each change writes a new bundle version through `bundle_writer.rewrite_bundle` (checksums, a
+self-check, published only once it loads as the service would load it), which a running server
+takes with its hot swap. The heads graph is the old one followed by a column edit
+(`onnx_graph.chain`): the old models' columns come out of the same operators, and each change
+checks that they are unchanged, bit for bit, on the bundle's calibration prompts before writing.
+Presets and c_ref are then recalibrated on those prompts (`recalibrated_policy`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pandas as pd
+
+from router.core.bundle import Bundle
+from router.core.engine import Engine, open_engine
+from router.core.features import PromptFeatures
+from router.core.heads import Heads
+from router.core.manifest import ChangeSpec, Manifest, ModelSpec, PolicySpec
+from router.core.pricing import Prices
+from training.added_model import PARITY_TOLERANCE, AddedModel
+from training.bundle_writer import rewrite_bundle
+from training.embed_cache import EmbeddingCache
+from training.errors import FleetError
+from training.onnx_graph import chain, select_columns
+from training.reference import Reference, prompt_key
+from training.settings import TrainSettings
+from training.tables import PRICE_COLUMNS, load_table
+from training.validation import DEFAULT_PRESET, calibrate_presets
+
+log = logging.getLogger(__name__)
+
+MIN_SCORED_PROMPTS = 20
+
+
+# -- anchors -------------------------------------------------------------------------------------
+
+
+def choose_anchors(bundle_dir: Path, data_dir: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """N prompts of the table's `train` split that describe a new model well: spread over the
+    embedding space and representative of it (the prompt nearest each of N k-means centres).
+
+    Representative beats informative here: on validation, choosing the prompts on which the
+    bundle's models disagree most (within each cluster, or overall) fitted the new model's relation
+    to the others worse than random prompts did, and k-means centres did as well as random ones or
+    better (docs/BENCHMARKS.md). Deterministic for a given seed."""
+    from sklearn.cluster import KMeans
+
+    bundle = _open(bundle_dir)[0]
+    prompts = load_table(data_dir).split("train").prompts
+    if n < 1 or n > len(prompts):
+        raise FleetError(f"--n must be between 1 and the {len(prompts)} train prompts of the table, got {n}")
+    texts = list(prompts["prompt"])
+    embeddings = EmbeddingCache(TrainSettings().cache_dir, bundle.embedder).embed(texts)
+    kmeans = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(embeddings)
+    distance = ((embeddings - kmeans.cluster_centers_[kmeans.labels_]) ** 2).sum(axis=1)
+    chosen = []
+    for cluster in range(n):
+        members = np.nonzero(kmeans.labels_ == cluster)[0]
+        if len(members):
+            chosen.append(members[np.argmin(distance[members])])
+    return prompts.iloc[sorted(chosen)][["prompt_id", "prompt"]].reset_index(drop=True)
+
+
+# -- the changes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A new model's outcomes on scored prompts, checked."""
+
+    texts: list[str]
+    score: np.ndarray
+    output_tokens: np.ndarray  # NaN where not known
+
+
+def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
+    prompts = _read_parquet(prompts_path, ("prompt_id", "prompt"))
+    outcomes = _read_parquet(outcomes_path, ("prompt_id", "model", "score"))
+    if prompts["prompt_id"].duplicated().any():
+        dup = prompts.loc[prompts["prompt_id"].duplicated(), "prompt_id"].iloc[0]
+        raise FleetError(f"{prompts_path}: duplicate prompt_id {dup!r}")
+    bad_text = prompts["prompt"].map(lambda t: not isinstance(t, str) or not t.strip())
+    if bad_text.any():
+        raise FleetError(f"{prompts_path}: prompt of {prompts.loc[bad_text, 'prompt_id'].iloc[0]!r} is empty")
+    mine = outcomes[outcomes["model"] == model]
+    if mine.empty:
+        found = sorted(map(str, outcomes["model"].unique()))[:5]
+        raise FleetError(f"{outcomes_path}: no outcomes of model {model!r} (it has: {', '.join(found)})")
+    unknown = sorted(set(mine["prompt_id"]) - set(prompts["prompt_id"]))
+    if unknown:
+        raise FleetError(f"{outcomes_path}: prompt_id {unknown[0]!r} is not in {prompts_path}")
+    if mine["prompt_id"].duplicated().any():
+        dup = mine.loc[mine["prompt_id"].duplicated(), "prompt_id"].iloc[0]
+        raise FleetError(f"{outcomes_path}: more than one outcome of {model!r} for prompt_id {dup!r}")
+    score = pd.to_numeric(mine["score"], errors="coerce")
+    bad = score.isna() | (score < 0) | (score > 1)
+    if bad.any():
+        raise FleetError(
+            f"{outcomes_path}: score must be a number in 0..1, found {mine.loc[bad, 'score'].iloc[0]!r} "
+            f"for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
+        )
+    if len(mine) < MIN_SCORED_PROMPTS:
+        raise FleetError(
+            f"{outcomes_path}: {len(mine)} scored prompts of {model!r}; "
+            f"at least {MIN_SCORED_PROMPTS} are needed"
+        )
+    tokens = pd.to_numeric(mine.get("output_tokens", pd.Series(np.nan, index=mine.index)), errors="coerce")
+    if (tokens < 0).any():
+        raise FleetError(f"{outcomes_path}: negative output_tokens ({tokens[tokens < 0].iloc[0]})")
+    text_of = dict(zip(prompts["prompt_id"], prompts["prompt"], strict=True))
+    return Scored(
+        [text_of[pid] for pid in mine["prompt_id"]],
+        score.to_numpy(dtype=float),
+        tokens.to_numpy(dtype=float, na_value=np.nan),
+    )
+
+
+def add_model(
+    bundle_dir: Path,
+    out_dir: Path,
+    model: str,
+    scored: Scored,
+    input_usd_per_mtok: float | None,
+    output_usd_per_mtok: float | None,
+) -> Manifest:
+    """A new bundle version with `model`, estimated from its outcomes on the scored prompts."""
+    started = time.perf_counter()
+    bundle, engine = _open(bundle_dir)
+    if model in engine.models:
+        raise FleetError(f"model {model!r} is already in bundle {bundle.version}")
+    prices = _prices(model, input_usd_per_mtok, output_usd_per_mtok)
+    reference = Reference.of_bundle(bundle).select(engine.models)
+    estimates = engine.estimate(scored.texts)
+    rows = reference.rows_of(scored.texts)
+    inside = rows >= 0
+    observed_q = np.full_like(estimates.quality, np.nan)
+    observed_o = np.full_like(estimates.output_tokens, np.nan)
+    observed_q[inside] = reference.score[rows[inside]]
+    observed_o[inside] = reference.output_tokens[rows[inside]]
+    added = AddedModel.fit(
+        np.where(np.isnan(observed_q), estimates.quality, observed_q),
+        scored.score,
+        np.where(np.isnan(observed_o), estimates.output_tokens, observed_o),
+        scored.output_tokens,
+        MIN_SCORED_PROMPTS,
+    )
+    old_graph = onnx.load(bundle.root / bundle.manifest.heads.file)
+    graph = chain(old_graph, added.to_onnx(len(engine.models)), _tag(bundle)).SerializeToString()
+    calibration = reference.calibration
+    old_q, old_o = bundle.heads.run(calibration.features)
+    new_q, new_o = Heads(graph).run(calibration.features)
+    _check_unchanged(old_q, old_o, new_q[:, :-1], new_o[:, :-1])
+    q_ref, o_ref = added.predict(old_q, old_o)
+    gap = max(
+        float(np.abs(new_q[:, -1] - q_ref).max()),
+        float((np.abs(new_o[:, -1] - o_ref) / np.maximum(o_ref, 1.0)).max()),
+    )
+    if gap > PARITY_TOLERANCE:
+        raise RuntimeError(f"the added model's graph disagrees with its fit (by {gap:.2g})")
+    spec = ModelSpec(
+        name=model,
+        input_usd_per_mtok=prices[1],
+        output_usd_per_mtok=prices[2],
+        output_tokens_known=added.tokens is not None,
+        price_source="given to add-model",
+        origin=f"added from {len(scored.texts)} scored prompts",
+    )
+    models = [*bundle.manifest.models, spec]
+    details = {
+        "scored_prompts": len(scored.texts),
+        "in_training_data": int(inside.sum()),
+        "output_tokens_known": int((~np.isnan(scored.output_tokens)).sum()),
+        **added.summary(),
+    }
+    manifest = _write(
+        bundle,
+        out_dir,
+        graph,
+        models,
+        reference.with_outcomes(
+            model, [prompt_key(t) for t in scored.texts], scored.score, scored.output_tokens
+        ),
+        "add-model",
+        [model],
+        details,
+    )
+    log.info("added %s in %.1f s: %s", model, time.perf_counter() - started, details)
+    return manifest
+
+
+def remove_model(bundle_dir: Path, out_dir: Path, model: str) -> Manifest:
+    bundle, engine = _open(bundle_dir)
+    if model not in engine.models:
+        raise FleetError(f"model {model!r} is not in bundle {bundle.version} (see ListModels)")
+    if len(engine.models) == 1:
+        raise FleetError(f"{model!r} is the bundle's only model; a bundle needs at least one")
+    keep = [j for j, m in enumerate(engine.models) if m != model]
+    old_graph = onnx.load(bundle.root / bundle.manifest.heads.file)
+    graph = chain(old_graph, select_columns(len(engine.models), keep), _tag(bundle)).SerializeToString()
+    reference = Reference.of_bundle(bundle)
+    old_q, old_o = bundle.heads.run(reference.calibration.features)
+    new_q, new_o = Heads(graph).run(reference.calibration.features)
+    _check_unchanged(old_q[:, keep], old_o[:, keep], new_q, new_o)
+    models = [m for m in bundle.manifest.models if m.name != model]
+    kept = reference.select([m.name for m in models])
+    return _write(bundle, out_dir, graph, models, kept, "remove-model", [model], {})
+
+
+def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
+    """A new version with the prices of `prices_path` (columns as models.csv) for the models it lists."""
+    bundle, engine = _open(bundle_dir)
+    table = _read_csv(prices_path, PRICE_COLUMNS)
+    if table["model"].duplicated().any():
+        raise FleetError(
+            f"{prices_path}: model {table.loc[table['model'].duplicated(), 'model'].iloc[0]!r} twice"
+        )
+    unknown = sorted(set(table["model"]) - set(engine.models))
+    if unknown:
+        raise FleetError(f"{prices_path}: model {unknown[0]!r} is not in bundle {bundle.version}")
+    new_prices = {
+        row.model: _prices(row.model, row.input_usd_per_mtok, row.output_usd_per_mtok, prices_path)
+        for row in table.itertuples(index=False)
+    }
+    day = datetime.now(timezone.utc).date().isoformat()
+    models = [
+        m.model_copy(
+            update={
+                "input_usd_per_mtok": new_prices[m.name][1],
+                "output_usd_per_mtok": new_prices[m.name][2],
+                "price_source": f"repriced {day}",
+            }
+        )
+        if m.name in new_prices
+        else m
+        for m in bundle.manifest.models
+    ]
+    graph = (bundle.root / bundle.manifest.heads.file).read_bytes()
+    changed = {m: [float(x) for x in p[1:]] for m, p in new_prices.items()}
+    return _write(
+        bundle, out_dir, graph, models, Reference.of_bundle(bundle), "reprice", sorted(new_prices), changed
+    )
+
+
+# -- shared steps --------------------------------------------------------------------------------
+
+
+def recalibrated_policy(engine: Engine, calibration: PromptFeatures, old: PolicySpec) -> PolicySpec:
+    """Presets and c_ref for a changed bundle, from its own estimates on the calibration prompts.
+
+    c_ref: the mean over models of the mean predicted cost (the trainer uses the table's observed
+    costs, which a changed fleet does not have). Each cost preset: the smallest w whose decisions'
+    mean predicted cost is at most its fraction of the predicted cost of the model with the best
+    mean predicted quality."""
+    est = engine.estimate_features(calibration)
+    c_ref = float(np.mean(est.cost_usd.mean(axis=0)))
+    if not math.isfinite(c_ref) or c_ref <= 0:
+        c_ref = old.c_ref_usd
+    basis = f"recalibrated on the estimates for {len(calibration)} validation prompts"
+    presets = calibrate_presets(est.quality, est.cost_usd, est.quality, est.cost_usd, c_ref, basis)
+    default = presets[DEFAULT_PRESET].cost_weight
+    return PolicySpec(
+        c_ref_usd=c_ref, default_cost_weight=default, default_preset=DEFAULT_PRESET, presets=presets
+    )
+
+
+def _write(
+    bundle: Bundle,
+    out_dir: Path,
+    graph: bytes,
+    models: list[ModelSpec],
+    reference: Reference,
+    op: str,
+    changed: list[str],
+    details: dict,
+) -> Manifest:
+    prices = Prices.from_rows([(m.name, m.input_usd_per_mtok, m.output_usd_per_mtok) for m in models])
+    engine = Engine(
+        bundle.embedder, Heads(graph), prices, bundle.token_estimator, bundle.manifest.policy, "candidate"
+    )
+    policy = recalibrated_policy(engine, reference.calibration, bundle.manifest.policy)
+    change = ChangeSpec(
+        op=op,
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        from_version=bundle.version,
+        models=changed,
+        details=details | {"c_ref_usd": policy.c_ref_usd, "calibration_prompts": len(reference.calibration)},
+    )
+    return rewrite_bundle(
+        bundle, out_dir, heads_graph=graph, models=models, policy=policy, reference=reference, change=change
+    )
+
+
+def _open(bundle_dir: Path) -> tuple[Bundle, Engine]:
+    return open_engine(bundle_dir, provider="cpu")
+
+
+def _tag(bundle: Bundle) -> str:
+    """A prefix no earlier change of this bundle's graph used."""
+    return f"v{len(bundle.manifest.changes)}"
+
+
+def _check_unchanged(old_q: np.ndarray, old_o: np.ndarray, new_q: np.ndarray, new_o: np.ndarray) -> None:
+    if not (np.array_equal(old_q, new_q) and np.array_equal(old_o, new_o)):
+        raise RuntimeError(
+            "the edited heads graph changes the estimates of models it should keep as they are"
+        )
+
+
+def _prices(
+    model: str, input_usd: float | None, output_usd: float | None, where: Path | None = None
+) -> tuple[str, float, float]:
+    prefix = f"{where}: " if where else ""
+    for name, value in (("input_usd_per_mtok", input_usd), ("output_usd_per_mtok", output_usd)):
+        if value is None or not isinstance(value, int | float) or not math.isfinite(value):
+            raise FleetError(f"{prefix}{name} of {model!r} is missing")
+        if value < 0:
+            raise FleetError(f"{prefix}{name} of {model!r} must be a non-negative number, got {value}")
+    return model, float(input_usd), float(output_usd)  # type: ignore[arg-type]
+
+
+def _read_parquet(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a missing or unreadable file
+        raise FleetError(f"{path}: cannot read it as parquet ({exc})") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise FleetError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:  # pandas raises several types for a missing or malformed file
+        raise FleetError(f"{path}: cannot read it as CSV ({exc})") from exc
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise FleetError(f"{path}: missing column(s) {', '.join(missing)}")
+    for col in columns[1:]:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
