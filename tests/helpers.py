@@ -6,7 +6,9 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,10 @@ import grpc
 from router.core.manifest import CHECKSUM_FIELD, MANIFEST, content_checksum
 from router.serving.config import ServeSettings
 from router.serving.server import RouterServer
-from router.v1 import router_pb2_grpc
+from router.v1 import router_pb2, router_pb2_grpc
+
+PROMPT = "Which gas makes up most of the Earth's atmosphere?"
+LONG_PROMPT = "Explain, step by step, how a compiler turns source code into machine code. " * 30
 
 
 class ServerThread:
@@ -144,3 +149,55 @@ def edit_manifest(bundle: Path, change: Callable[[dict[str, Any]], object], *, r
     if reseal:
         manifest[CHECKSUM_FIELD] = content_checksum(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def point_link(link: Path, target: Path) -> None:
+    """Atomic symlink swap, as an operator (or a Kubernetes volume update) does it."""
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def wait_for_version(stub: router_pb2_grpc.RouterStub, version: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).bundle_version == version:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"server never switched to {version}")
+
+
+class Traffic:
+    """Clients calling Route in a loop on their own threads, recording every outcome."""
+
+    def __init__(self, address: str, clients: int, prompt: str = PROMPT) -> None:
+        self.address = address
+        self.prompt = prompt
+        self.results: list[tuple[float, float, grpc.StatusCode, str]] = []  # start, end, code, version
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = stub.Route(router_pb2.RouteRequest(prompt=self.prompt), timeout=30)
+                    outcome = (started, time.monotonic(), grpc.StatusCode.OK, r.bundle_version)
+                except grpc.RpcError as exc:
+                    outcome = (started, time.monotonic(), exc.code(), "")
+                with self._lock:
+                    self.results.append(outcome)
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,10 +14,18 @@ import grpc
 import pytest
 
 from router.v1 import router_pb2, router_pb2_grpc
-from tests.helpers import edit_manifest, router_stub, running_server, serve_command
-
-PROMPT = "Which gas makes up most of the Earth's atmosphere?"
-LONG_PROMPT = "Explain, step by step, how a compiler turns source code into machine code. " * 30
+from tests.conftest import HELD_OUT
+from tests.helpers import (
+    LONG_PROMPT,
+    PROMPT,
+    Traffic,
+    edit_manifest,
+    point_link,
+    router_stub,
+    running_server,
+    serve_command,
+    wait_for_version,
+)
 
 
 def _variant(bundle: Path, target: Path, version: str) -> Path:
@@ -29,69 +35,17 @@ def _variant(bundle: Path, target: Path, version: str) -> Path:
     return target
 
 
-def _point(link: Path, target: Path) -> None:
-    """Atomic symlink swap, as an operator (or a Kubernetes volume update) does it."""
-    tmp = link.with_name(link.name + ".new")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
-
-
-def _wait_for_version(stub: router_pb2_grpc.RouterStub, version: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).bundle_version == version:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"server never switched to {version}")
-
-
-class Traffic:
-    """Clients calling Route in a loop on their own threads, recording every outcome."""
-
-    def __init__(self, address: str, clients: int, prompt: str = PROMPT) -> None:
-        self.address = address
-        self.prompt = prompt
-        self.results: list[tuple[float, float, grpc.StatusCode, str]] = []  # start, end, code, version
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    r = stub.Route(router_pb2.RouteRequest(prompt=self.prompt), timeout=30)
-                    outcome = (started, time.monotonic(), grpc.StatusCode.OK, r.bundle_version)
-                except grpc.RpcError as exc:
-                    outcome = (started, time.monotonic(), exc.code(), "")
-                with self._lock:
-                    self.results.append(outcome)
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-
 def test_bundle_swap_under_traffic_loses_no_call(small_bundle: Path, tmp_path: Path) -> None:
     old = _variant(small_bundle, tmp_path / "v1", "swap-test-v1")
     new = _variant(small_bundle, tmp_path / "v2", "swap-test-v2")
     current = tmp_path / "current"
-    _point(current, old)
+    point_link(current, old)
     with running_server(bundle=current, bundle_poll_s=0.2) as srv, router_stub(srv.address) as stub:
-        _wait_for_version(stub, "swap-test-v1")
+        wait_for_version(stub, "swap-test-v1")
         with Traffic(srv.address, clients=4) as traffic:
             time.sleep(1.0)
-            _point(current, new)
-            _wait_for_version(stub, "swap-test-v2")
+            point_link(current, new)
+            wait_for_version(stub, "swap-test-v2")
             time.sleep(1.0)
         codes = {code for _, _, code, _ in traffic.results}
         versions = [v for _, _, _, v in sorted(traffic.results)]
@@ -138,13 +92,13 @@ def _metric(srv, name: str, labels: str) -> float:
 def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(small_bundle: Path, tmp_path: Path) -> None:
     good = _variant(small_bundle, tmp_path / "good", "faults-good")
     current = tmp_path / "current"
-    _point(current, good)
+    point_link(current, good)
     with running_server(bundle=current, bundle_poll_s=0.1) as srv, router_stub(srv.address) as stub:
-        _wait_for_version(stub, "faults-good")
+        wait_for_version(stub, "faults-good")
         for i, fault in enumerate((_flip_byte, _drop_file, _extra_model)):
             bad = _variant(small_bundle, tmp_path / f"bad{i}", f"faults-bad{i}")
             fault(bad)
-            _point(current, bad)
+            point_link(current, bad)
             deadline = time.monotonic() + 30
             while _metric(srv, "router_bundle_loads_total", 'result="failure"') < i + 1:
                 assert time.monotonic() < deadline, f"fault {fault.__name__} was never looked at"
@@ -152,8 +106,8 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(small_bundle: Pat
             response = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10)
             assert response.bundle_version == "faults-good", fault.__name__
         # a good bundle after the bad ones is still taken
-        _point(current, _variant(small_bundle, tmp_path / "good2", "faults-good2"))
-        _wait_for_version(stub, "faults-good2")
+        point_link(current, _variant(small_bundle, tmp_path / "good2", "faults-good2"))
+        wait_for_version(stub, "faults-good2")
 
 
 def test_sigterm_drains_accepted_calls_then_exits(small_bundle: Path) -> None:
@@ -247,3 +201,27 @@ def test_expired_deadlines_free_their_slot(small_bundle: Path) -> None:
         assert srv.server.service._in_flight == 0
         # with only 2 slots, 10 abandoned calls would block this one if slots leaked
         assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10).model
+
+
+def test_a_server_swaps_to_a_bundle_with_an_added_model_under_traffic(
+    without: Path, added: Path, tmp_path: Path
+) -> None:
+    """`router add-model` writes a new version; the running server takes it with zero failed calls."""
+    from router.core.manifest import Manifest
+
+    old_version = Manifest.read(without).bundle_version
+    new_version = Manifest.read(added).bundle_version
+    current = tmp_path / "current"
+    point_link(current, without)
+    with running_server(bundle=current, bundle_poll_s=0.2) as srv, router_stub(srv.address) as stub:
+        wait_for_version(stub, old_version)
+        with Traffic(srv.address, clients=4) as traffic:
+            time.sleep(1.0)
+            point_link(current, added)
+            wait_for_version(stub, new_version)
+            time.sleep(1.0)
+        models = [m.model for m in stub.ListModels(router_pb2.ListModelsRequest(), timeout=5).models]
+        response = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10)
+    assert {code for _, _, code, _ in traffic.results} == {grpc.StatusCode.OK}
+    assert {v for _, _, _, v in traffic.results} == {old_version, new_version}
+    assert models[-1] == HELD_OUT and len(response.estimates) == len(models)

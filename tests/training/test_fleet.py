@@ -1,0 +1,184 @@
+"""The fleet commands on real bundles and real mmlu_pro rows, through the `router` CLI.
+
+A bundle trained without one model gets it back from anchors' outcomes (`anchors`, `add-model`);
+models are removed and repriced. Each writes a new, verified bundle version; other models'
+estimates do not move; bad inputs are refused with a message and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from router.cli import main
+from router.core.engine import open_engine
+from router.core.pricing import PER_TOKEN
+from tests.conftest import HELD_OUT, N_ANCHORS
+from training.tables import load_table
+
+
+@pytest.fixture(scope="module")
+def texts(data_dir: Path) -> list[str]:
+    return list(load_table(data_dir / "mmlu_pro").split("test").prompts["prompt"][:40])
+
+
+def test_anchors_come_from_train_and_are_deterministic(
+    without: Path, data_dir: Path, anchor_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    first = pd.read_parquet(anchor_files[0])
+    assert list(first.columns) == ["prompt_id", "prompt"] and len(first) == N_ANCHORS
+    train = load_table(data_dir / "mmlu_pro").split("train").prompts
+    assert set(first["prompt_id"]) <= set(train["prompt_id"]) and first["prompt_id"].is_unique
+    table = str(data_dir / "mmlu_pro")
+    for seed, same in (("0", True), ("1", False)):
+        out = tmp_path / f"again-{seed}.parquet"
+        assert main(["anchors", "--bundle", str(without), "--data", table, "--n", str(N_ANCHORS),
+                     "--seed", seed, "--out", str(out)]) == 0  # fmt: skip
+        assert (list(pd.read_parquet(out)["prompt_id"]) == list(first["prompt_id"])) is same
+
+
+def test_add_model_keeps_every_other_estimate_and_estimates_the_new_one(
+    without: Path, added: Path, texts: list[str]
+) -> None:
+    source, before = open_engine(without, provider="cpu")
+    bundle, after = open_engine(added, provider="cpu")
+    assert after.models == (*before.models, HELD_OUT)
+    old, new = before.estimate(texts), after.estimate(texts)
+    assert np.array_equal(old.quality, new.quality[:, :-1])
+    assert np.array_equal(old.cost_usd, new.cost_usd[:, :-1])
+    q, cost = new.quality[:, -1], new.cost_usd[:, -1]
+    assert ((q >= 0) & (q <= 1)).all() and q.std() > 0
+    assert (cost > 0).all()
+    # the new column is computed per prompt too: alone or in a batch, the same bits
+    alone = np.vstack([after.estimate([t]).quality for t in texts])
+    assert np.array_equal(alone, new.quality)
+    m = bundle.manifest
+    assert m.bundle_version != source.manifest.bundle_version
+    spec = m.models[-1]
+    assert spec.name == HELD_OUT and spec.input_usd_per_mtok == 1.25 and spec.output_usd_per_mtok == 5.0
+    assert spec.origin.startswith("added from") and spec.output_tokens_known
+    (change,) = m.changes
+    assert change.op == "add-model" and change.models == [HELD_OUT]
+    assert change.from_version == source.manifest.bundle_version
+    assert change.details["scored_prompts"] >= 20
+    assert set(m.policy.presets) == set(source.manifest.policy.presets)
+    assert "recalibrated" in m.policy.presets["cost-30"].description
+
+
+def test_remove_model_keeps_every_other_estimate(added: Path, texts: list[str], tmp_path: Path) -> None:
+    _, before = open_engine(added, provider="cpu")
+    gone = before.models[3]
+    out = tmp_path / "removed"
+    assert main(["remove-model", "--bundle", str(added), "--model", gone, "--out", str(out)]) == 0
+    bundle, after = open_engine(out, provider="cpu")
+    keep = [j for j, m in enumerate(before.models) if m != gone]
+    assert after.models == tuple(before.models[j] for j in keep)
+    old, new = before.estimate(texts), after.estimate(texts)
+    assert np.array_equal(old.quality[:, keep], new.quality)
+    assert np.array_equal(old.cost_usd[:, keep], new.cost_usd)
+    assert [c.op for c in bundle.manifest.changes] == ["add-model", "remove-model"]
+
+
+def test_a_repriced_bundle_costs_tokens_times_the_new_prices(
+    without: Path, texts: list[str], tmp_path: Path
+) -> None:
+    _, before = open_engine(without, provider="cpu")
+    cheaper, dearer = before.models[0], before.models[1]
+    prices = tmp_path / "prices.csv"
+    prices.write_text(
+        f"model,input_usd_per_mtok,output_usd_per_mtok\n{cheaper},0.01,0.02\n{dearer},30,60\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "repriced"
+    assert main(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)]) == 0
+    bundle, after = open_engine(out, provider="cpu")
+    old, new = before.estimate(texts), after.estimate(texts)
+    assert np.array_equal(old.quality, new.quality)
+    for j, (p_in, p_out) in ((0, (0.01, 0.02)), (1, (30.0, 60.0))):
+        expected = PER_TOKEN * (new.input_tokens * p_in + new.output_tokens[:, j] * p_out)
+        assert np.allclose(new.cost_usd[:, j], expected, rtol=1e-12)
+    assert np.array_equal(old.cost_usd[:, 2:], new.cost_usd[:, 2:])
+    specs = {m.name: m for m in bundle.manifest.models}
+    assert specs[dearer].price_source.startswith("repriced") and specs[before.models[2]].price_source
+    assert bundle.manifest.policy.c_ref_usd != open_engine(without, provider="cpu")[1].policy.c_ref_usd
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("unknown_prompt", "is not in"),
+        ("score_above_one", "score must be a number in 0..1"),
+        ("existing_model", "already in bundle"),
+        ("too_few", "at least 20 are needed"),
+        ("price_missing", "output_usd_per_mtok of .* is missing"),
+    ],
+)
+def test_add_model_refuses_bad_input_and_writes_nothing(
+    without: Path,
+    anchor_files: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: str,
+    message: str,
+) -> None:
+    prompts, outcomes_path = anchor_files
+    outcomes = pd.read_parquet(outcomes_path)
+    model = HELD_OUT
+    prices = ["--input-usd-per-mtok", "1.25", "--output-usd-per-mtok", "5"]
+    if change == "unknown_prompt":
+        outcomes.loc[0, "prompt_id"] = "no-such-prompt"
+    elif change == "score_above_one":
+        outcomes.loc[3, "score"] = 1.5
+    elif change == "existing_model":
+        model = open_engine(without, provider="cpu")[1].models[0]
+        outcomes["model"] = model
+    elif change == "too_few":
+        outcomes = outcomes.head(19)
+    elif change == "price_missing":
+        prices = prices[:2]
+    bad = tmp_path / "bad.parquet"
+    outcomes.to_parquet(bad, index=False)
+    out = tmp_path / "never"
+    err = _refused(
+        ["add-model", "--bundle", str(without), "--model", model, "--prompts", str(prompts),
+         "--outcomes", str(bad), *prices, "--out", str(out)],
+        capsys,
+    )  # fmt: skip
+    assert re.search(message, err), err
+    assert not out.exists() and not out.with_name(out.name + ".staging").exists()
+
+
+def test_remove_and_reprice_refuse_what_is_not_in_the_bundle(
+    without: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "never"
+    err = _refused(["remove-model", "--bundle", str(without), "--model", "gpt-9", "--out", str(out)], capsys)
+    assert "'gpt-9' is not in bundle" in err
+    prices = tmp_path / "prices.csv"
+    prices.write_text("model,input_usd_per_mtok,output_usd_per_mtok\ngpt-9,1,2\n", encoding="utf-8")
+    err = _refused(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)], capsys)
+    assert "'gpt-9' is not in bundle" in err
+    model = open_engine(without, provider="cpu")[1].models[0]
+    prices.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{model},-1,2\n", encoding="utf-8")
+    err = _refused(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)], capsys)
+    assert "non-negative" in err
+    assert not out.exists()
+
+
+def test_the_manifest_records_the_fleet_history(added: Path) -> None:
+    raw = json.loads((added / "manifest.json").read_text())
+    assert raw["changes"][0]["op"] == "add-model"
+    assert {"reference/outcomes.json", "reference/calibration.json"} <= set(raw["files"])
