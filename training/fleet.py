@@ -181,7 +181,7 @@ def add_model(
         "scored_prompts": len(scored.texts),
         "in_training_data": int(inside.sum()),
         "output_tokens_known": int((~np.isnan(scored.output_tokens)).sum()),
-        **added.summary(),
+        **added.summary(list(engine.models)),
     }
     manifest = _write(
         bundle,
