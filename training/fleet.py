@@ -23,15 +23,16 @@ import onnx
 import pandas as pd
 
 from router.core.bundle import Bundle
-from router.core.engine import Engine, open_engine
+from router.core.engine import Engine, Estimates, open_engine
 from router.core.features import PromptFeatures
 from router.core.heads import Heads
 from router.core.manifest import ChangeSpec, Manifest, ModelSpec, PolicySpec
-from router.core.pricing import Prices
-from training.added_model import PARITY_TOLERANCE, AddedModel
+from router.core.pricing import PER_TOKEN, Prices
+from training.added_model import PARITY_TOLERANCE, AddedModel, out_of_fold
 from training.bundle_writer import rewrite_bundle
 from training.embed_cache import EmbeddingCache
 from training.errors import FleetError
+from training.metrics import evaluate
 from training.onnx_graph import chain, select_columns
 from training.reference import Reference, prompt_key
 from training.settings import TrainSettings
@@ -41,6 +42,7 @@ from training.validation import DEFAULT_PRESET, calibrate_presets
 log = logging.getLogger(__name__)
 
 MIN_SCORED_PROMPTS = 20
+HOLDBACK_STEPS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
 
 
 # -- anchors -------------------------------------------------------------------------------------
@@ -148,13 +150,16 @@ def add_model(
     observed_o = np.full_like(estimates.output_tokens, np.nan)
     observed_q[inside] = reference.score[rows[inside]]
     observed_o[inside] = reference.output_tokens[rows[inside]]
+    regressors = np.where(np.isnan(observed_q), estimates.quality, observed_q)
     added = AddedModel.fit(
-        np.where(np.isnan(observed_q), estimates.quality, observed_q),
+        regressors,
         scored.score,
         np.where(np.isnan(observed_o), estimates.output_tokens, observed_o),
         scored.output_tokens,
         MIN_SCORED_PROMPTS,
     )
+    holdback, gate = _holdback(added, regressors, scored, estimates, observed_q, observed_o, prices, engine)
+    added = added.held_back(holdback)
     old_graph = onnx.load(bundle.root / bundle.manifest.heads.file)
     graph = chain(old_graph, added.to_onnx(len(engine.models)), _tag(bundle)).SerializeToString()
     calibration = reference.calibration
@@ -182,6 +187,7 @@ def add_model(
         "in_training_data": int(inside.sum()),
         "output_tokens_known": int((~np.isnan(scored.output_tokens)).sum()),
         **added.summary(list(engine.models)),
+        "holdback_check": gate,
     }
     manifest = _write(
         bundle,
@@ -197,6 +203,60 @@ def add_model(
     )
     log.info("added %s in %.1f s: %s", model, time.perf_counter() - started, details)
     return manifest
+
+
+def _holdback(
+    added: AddedModel,
+    regressors: np.ndarray,
+    scored: Scored,
+    estimates: Estimates,
+    observed_q: np.ndarray,
+    observed_o: np.ndarray,
+    prices: tuple[str, float, float],
+    engine: Engine,
+) -> tuple[float, dict]:
+    """How far to hold the new model's quality estimate back, checked by routing the anchors.
+
+    A model estimated from a few hundred outcomes is less sure than the bundle's own models, and a
+    small overestimate can draw traffic from better-known ones and make routing worse than without
+    it. On the anchors whose outcomes the bundle's training data has for every other model, the
+    engine's estimates for those models and out-of-fold estimates for the new one are routed over
+    the whole trade-off curve (AIQ, METRICS.md) against their true outcomes; the smallest
+    HOLDBACK_STEPS value with which the curve is at least as good as without the model is kept (the
+    largest step means: only where it is the one allowed). Anchors the bundle was not trained on
+    cannot be checked this way; with fewer than MIN_SCORED_PROMPTS checkable, nothing is held back."""
+    checkable = ~np.isnan(observed_q).any(axis=1) & ~np.isnan(observed_o).any(axis=1)
+    info: dict = {"anchors_checked": int(checkable.sum())}
+    if checkable.sum() < MIN_SCORED_PROMPTS:
+        return 0.0, info | {"holdback": 0.0, "why": "too few anchors with every model's outcomes"}
+    _, p_in, p_out = prices
+    all_in = np.append(engine.prices.input_usd_per_mtok, p_in)
+    all_out = np.append(engine.prices.output_usd_per_mtok, p_out)
+    _, new_tokens = added.predict(estimates.quality, estimates.output_tokens)
+    true_tokens = np.where(np.isnan(scored.output_tokens), new_tokens, scored.output_tokens)
+    rows = np.nonzero(checkable)[0]
+    in_tokens = estimates.input_tokens[rows][:, None]
+    true_score = np.column_stack([observed_q[rows], scored.score[rows]])
+    out_tokens = np.column_stack([observed_o[rows], true_tokens[rows]])
+    true_cost = PER_TOKEN * (in_tokens * all_in[None, :] + out_tokens * all_out[None, :])
+    cost = np.column_stack(
+        [estimates.cost_usd[rows], PER_TOKEN * (in_tokens[:, 0] * p_in + new_tokens[rows] * p_out)]
+    )
+    oof = out_of_fold(regressors, scored.score, estimates.quality)[rows]
+    names = [*engine.models, "new"]
+
+    def aiq(new_quality: np.ndarray) -> float:
+        q = np.column_stack([estimates.quality[rows], new_quality])
+        return float(evaluate(names, true_score, true_cost, q, cost, engine.policy.c_ref_usd).figures["aiq"])
+
+    without = aiq(np.full(len(rows), -1e9))
+    tried = {}
+    for step in HOLDBACK_STEPS:
+        tried[step] = aiq(oof - step)
+        if tried[step] >= without:
+            break
+    info |= {"aiq_without": round(without, 4), "aiq_with": {str(k): round(v, 4) for k, v in tried.items()}}
+    return step, info | {"holdback": step}
 
 
 def remove_model(bundle_dir: Path, out_dir: Path, model: str) -> Manifest:
