@@ -35,13 +35,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from training.adapters import load_routerbench, load_sprout, write_canonical
+    from training.adapters import load_lm_eval, load_routerbench, load_sprout, write_canonical
 
     name = args.name or Path(args.out).name
+    if args.metric and args.format != "lm-eval":
+        raise TableError("--metric applies to --format lm-eval only")
     if args.format == "sprout":
         table = load_sprout(args.source, Path(args.prices), name=name)
-    else:
+    elif args.format == "routerbench":
         table = load_routerbench(Path(args.source), Path(args.prices), name=name)
+    else:
+        table = load_lm_eval(Path(args.source), Path(args.prices), name=name, metric=args.metric)
     write_canonical(table, Path(args.out))
     print(
         f"wrote {len(table.prompts)} prompts, {len(table.outcomes)} outcomes, "
@@ -150,10 +154,18 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("convert", help="convert SPROUT or RouterBench data to the canonical table layout")
-    p.add_argument("--format", required=True, choices=["sprout", "routerbench"])
+    p = sub.add_parser(
+        "convert", help="convert SPROUT, RouterBench or lm-evaluation-harness data to the canonical layout"
+    )
+    p.add_argument("--format", required=True, choices=["sprout", "routerbench", "lm-eval"])
     p.add_argument(
-        "--source", required=True, help="SPROUT: hub id or local dataset path; RouterBench: .pkl or .csv"
+        "--source",
+        required=True,
+        help="SPROUT: folder of parquet files, save_to_disk directory or hub id; RouterBench: .pkl or "
+        ".csv; lm-eval: the --output_path directory, one folder per model",
+    )
+    p.add_argument(
+        "--metric", default=None, help="lm-eval: the per-sample metric to score by (default: the task's own)"
     )
     p.add_argument("--prices", required=True, help="CSV: model,input_usd_per_mtok,output_usd_per_mtok")
     p.add_argument("--out", required=True, help="directory to write the canonical table into")

@@ -49,7 +49,12 @@ def fit_quality_mlp(x: np.ndarray, score: np.ndarray, params: MlpParams, seed: i
     optimiser = torch.optim.AdamW(net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
     steps = params.epochs * ((n + params.batch_size - 1) // params.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=params.learning_rate, total_steps=steps, pct_start=0.1
+        # at least two warm-up steps: a small table (one batch per epoch) would otherwise get a
+        # warm-up phase of zero length, which OneCycleLR cannot schedule
+        optimiser,
+        max_lr=params.learning_rate,
+        total_steps=steps,
+        pct_start=max(0.1, 2.0 / steps),
     )
     for _ in range(params.epochs):
         net.train()
