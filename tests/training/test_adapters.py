@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from router.cli import main
+from router.v1 import router_pb2
+from tests.helpers import router_stub, running_server
 from training.adapters import load_lm_eval, load_routerbench
 from training.adapters.routerbench import TURN_SEPARATOR
 from training.pipeline import TrainConfig, train_bundle
@@ -69,12 +71,15 @@ def _convert(fmt: str, source: Path, prices: Path, out: Path, *extra: str) -> in
 
 
 def _trains_and_routes(table_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The converted table trains a bundle, which a real server serves."""
     bundle = tmp_path / "bundle"
     train_bundle(table_dir, bundle, TrainConfig())
-    capsys.readouterr()
-    assert main(["route", "What is the derivative of x squared?", "--bundle", str(bundle), "--json"]) == 0
-    decision = json.loads(capsys.readouterr().out)
-    assert decision["model"] in {e["model"] for e in decision["estimates"]}
+    models = set(load_table(table_dir).models)
+    with running_server(bundle=bundle) as srv, router_stub(srv.address) as stub:
+        response = stub.Route(
+            router_pb2.RouteRequest(prompt="What is the derivative of x squared?"), timeout=30
+        )
+    assert response.model in models and {e.model for e in response.estimates} == models
 
 
 # -- SPROUT ------------------------------------------------------------------------------------------
