@@ -70,7 +70,7 @@ def _convert(fmt: str, source: Path, prices: Path, out: Path, *extra: str) -> in
     )
 
 
-def _trains_and_routes(table_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _trains_and_routes(table_dir: Path, tmp_path: Path) -> None:
     """The converted table trains a bundle, which a real server serves."""
     bundle = tmp_path / "bundle"
     train_bundle(table_dir, bundle, TrainConfig())
@@ -166,7 +166,7 @@ def test_sprout_parquet_files_convert_as_published(real_rows, prices: Path, tmp_
 
 
 def test_sprout_o3mini_variant_and_save_to_disk_both_convert_and_train(
-    real_rows, prices: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    real_rows, prices: Path, tmp_path: Path
 ) -> None:
     import datasets
 
@@ -183,7 +183,7 @@ def test_sprout_o3mini_variant_and_save_to_disk_both_convert_and_train(
     assert _convert("sprout", disk, prices, tmp_path / "table") == 0
     table = load_table(tmp_path / "table")
     assert extra in table.models and len(table.models) == 4
-    _trains_and_routes(tmp_path / "table", tmp_path, capsys)
+    _trains_and_routes(tmp_path / "table", tmp_path)
 
 
 def test_sprout_malformed_files_are_named_and_nothing_is_written(
@@ -226,7 +226,7 @@ def _routerbench_frame(prompts: pd.DataFrame, outcomes: pd.DataFrame) -> pd.Data
 
 @pytest.mark.parametrize("suffix", [".pkl", ".csv"])
 def test_routerbench_list_prompts_are_joined_not_stringified(
-    real_rows, prices: Path, tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+    real_rows, prices: Path, tmp_path: Path, suffix: str
 ) -> None:
     prompts, outcomes, _ = real_rows
     wide = _routerbench_frame(prompts, outcomes)
@@ -248,7 +248,7 @@ def test_routerbench_list_prompts_are_joined_not_stringified(
     want = outcomes.set_index(["prompt_id", "model"]).sort_index()
     assert np.allclose(got.score, want.score) and np.allclose(got.cost_usd.astype(float), want.cost_usd)
     if suffix == ".pkl":
-        _trains_and_routes(tmp_path / "table", tmp_path, capsys)
+        _trains_and_routes(tmp_path / "table", tmp_path)
 
 
 def test_routerbench_bad_tables_are_refused(real_rows, prices: Path, tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def _harness_output(real_rows, root: Path, *, old_shape_for: str = MODELS[1]) ->
 
 
 def test_lm_eval_sample_logs_convert_in_both_argument_shapes_and_train(
-    real_rows, prices: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    real_rows, prices: Path, tmp_path: Path
 ) -> None:
     prompts, outcomes, _ = real_rows
     source = _harness_output(real_rows, tmp_path / "harness")
@@ -361,7 +361,7 @@ def test_lm_eval_sample_logs_convert_in_both_argument_shapes_and_train(
     assert generated.output_tokens.notna().all() and (generated.output_tokens > 0).all()
     assert scored.output_tokens.isna().all(), "log-likelihood tasks generate nothing"
     assert (scored.cost_usd > 0).all() and (scored.input_tokens > 0).all()
-    _trains_and_routes(tmp_path / "table", tmp_path, capsys)
+    _trains_and_routes(tmp_path / "table", tmp_path)
 
 
 def test_lm_eval_metric_can_be_chosen(real_rows, prices: Path, tmp_path: Path) -> None:
