@@ -389,25 +389,24 @@ def _prices(
     return model, float(input_usd), float(output_usd)  # type: ignore[arg-type]
 
 
-def _read_parquet(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+def _read(path: Path, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
+    """A parquet or CSV file with at least `columns`, or a FleetError naming the problem."""
     try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a missing or unreadable file
-        raise FleetError(f"{path}: cannot read it as parquet ({exc})") from exc
+        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise several types for missing or malformed files
+        raise FleetError(f"{path}: cannot read it as {kind} ({exc})") from exc
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise FleetError(f"{path}: missing column(s) {', '.join(missing)}")
     return frame
 
 
+def _read_parquet(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    return _read(path, columns, "parquet")
+
+
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path)
-    except Exception as exc:  # pandas raises several types for a missing or malformed file
-        raise FleetError(f"{path}: cannot read it as CSV ({exc})") from exc
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise FleetError(f"{path}: missing column(s) {', '.join(missing)}")
+    frame = _read(path, columns, "CSV")
     for col in columns[1:]:
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
