@@ -20,7 +20,7 @@ run: setup $(BUNDLE)/manifest.json  ## set up, build the default bundle if missi
 setup: $(VENV)/.installed
 
 # torch is pinned so that pip takes the CPU wheel (a plain `torch` pulls a multi-GB CUDA build).
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard proto/router/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

@@ -92,6 +92,8 @@ def _route_local(args: argparse.Namespace) -> dict[str, Any]:
     """The engine in this process: the same path the server's batch worker runs."""
     from router.core.engine import open_engine
 
+    if args.tenant:
+        raise CliError("--tenant needs --server: budgets are held by the server")
     try:
         _, engine = open_engine(Path(args.bundle), provider="cpu")
     except BundleError as exc:
@@ -104,6 +106,7 @@ def _route_local(args: argparse.Namespace) -> dict[str, Any]:
             preset=args.preset,
             allowed_models=tuple(args.allowed_models or ()),
             max_cost_usd=args.max_cost_usd,
+            max_latency_ms=args.max_latency_ms,
         )
     except InvalidRequest as exc:
         raise CliError(str(exc)) from exc
@@ -122,6 +125,7 @@ def _route_local(args: argparse.Namespace) -> dict[str, Any]:
                 "cost_usd": s.estimate.cost_usd,
                 "utility": s.utility,
                 "eligible": s.eligible,
+                **({} if s.estimate.latency_ms is None else {"latency_ms": s.estimate.latency_ms}),
             }
             for s in d.scored
         ],
@@ -140,6 +144,10 @@ def _route_remote(args: argparse.Namespace) -> dict[str, Any]:
         request.cost_weight = args.cost_weight
     if args.max_cost_usd is not None:
         request.max_cost_usd = args.max_cost_usd
+    if args.max_latency_ms is not None:
+        request.max_latency_ms = args.max_latency_ms
+    if args.tenant:
+        request.tenant = args.tenant
     if args.preset:
         request.preset = args.preset
     try:
@@ -168,6 +176,8 @@ def _serving_commands(sub: Any) -> tuple[type[Exception], ...]:
     )
     p.add_argument("--allowed-models", nargs="+", default=None)
     p.add_argument("--max-cost-usd", type=float, default=None)
+    p.add_argument("--max-latency-ms", type=float, default=None, help="ceiling on the predicted latency")
+    p.add_argument("--tenant", default="", help="the tenant to route for (budgets; server only)")
     p.add_argument("--bundle", default=None, help="route in-process from this bundle instead of a server")
     p.add_argument("--server", default="localhost:50051", help="server address (default localhost:50051)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")

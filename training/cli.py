@@ -126,6 +126,8 @@ def _add_model(args: argparse.Namespace) -> int:
         scored,
         args.input_usd_per_mtok,
         args.output_usd_per_mtok,
+        ttft_ms=args.ttft_ms,
+        tpot_ms=args.tpot_ms,
     )
     return _changed(manifest, args.out)
 
@@ -218,6 +220,8 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     )
     p.add_argument("--input-usd-per-mtok", type=float, default=None, help="list price, USD per million")
     p.add_argument("--output-usd-per-mtok", type=float, default=None, help="list price, USD per million")
+    p.add_argument("--ttft-ms", type=float, default=None, help="time to first token, ms (latency ceilings)")
+    p.add_argument("--tpot-ms", type=float, default=None, help="time per output token, ms")
     p.add_argument("--out", required=True, help="directory of the new bundle version")
     p.set_defaults(func=_add_model)
 
@@ -227,9 +231,13 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_remove_model)
 
-    p = sub.add_parser("reprice", help="a new bundle version with new list prices")
+    p = sub.add_parser("reprice", help="a new bundle version with new list prices or latencies")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--prices", required=True, help="CSV: model,input_usd_per_mtok,output_usd_per_mtok")
+    p.add_argument(
+        "--prices",
+        required=True,
+        help="CSV: model and any of input_usd_per_mtok, output_usd_per_mtok, ttft_ms, tpot_ms",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=_reprice)
     return (TableError, FleetError)

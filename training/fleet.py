@@ -36,13 +36,15 @@ from training.metrics import evaluate
 from training.onnx_graph import chain, select_columns
 from training.reference import Reference, prompt_key
 from training.settings import TrainSettings
-from training.tables import PRICE_COLUMNS, load_table
+from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table
 from training.validation import DEFAULT_PRESET, calibrate_presets
 
 log = logging.getLogger(__name__)
 
 MIN_SCORED_PROMPTS = 20
 HOLDBACK_STEPS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
+# What `reprice` updates (models.csv's columns).
+UPDATABLE = (*PRICE_COLUMNS[1:], *LATENCY_COLUMNS)
 
 
 # -- anchors -------------------------------------------------------------------------------------
@@ -135,6 +137,8 @@ def add_model(
     scored: Scored,
     input_usd_per_mtok: float | None,
     output_usd_per_mtok: float | None,
+    ttft_ms: float | None = None,
+    tpot_ms: float | None = None,
 ) -> Manifest:
     """A new bundle version with `model`, estimated from its outcomes on the scored prompts."""
     started = time.perf_counter()
@@ -180,6 +184,8 @@ def add_model(
         output_tokens_known=added.tokens is not None,
         price_source="given to add-model",
         origin=f"added from {len(scored.texts)} scored prompts",
+        ttft_ms=_latency("ttft_ms", ttft_ms),
+        tpot_ms=_latency("tpot_ms", tpot_ms),
     )
     models = [*bundle.manifest.models, spec]
     details = {
@@ -278,37 +284,44 @@ def remove_model(bundle_dir: Path, out_dir: Path, model: str) -> Manifest:
 
 
 def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
-    """A new version with the prices of `prices_path` (columns as models.csv) for the models it lists."""
+    """A new version with the prices and latencies of `prices_path` for the models it lists.
+
+    Columns as models.csv: `model` and any of UPDATABLE; an empty cell keeps the bundle's value."""
     bundle, engine = _open(bundle_dir)
-    table = _read_csv(prices_path, PRICE_COLUMNS)
+    table = _read(prices_path, ("model",), "CSV")
+    given = [c for c in UPDATABLE if c in table.columns]
+    if not given:
+        raise FleetError(f"{prices_path}: nothing to update (give any of {', '.join(UPDATABLE)})")
     if table["model"].duplicated().any():
-        raise FleetError(
-            f"{prices_path}: model {table.loc[table['model'].duplicated(), 'model'].iloc[0]!r} twice"
-        )
+        twice = table.loc[table["model"].duplicated(), "model"].iloc[0]
+        raise FleetError(f"{prices_path}: model {twice!r} is listed twice")
     unknown = sorted(set(table["model"]) - set(engine.models))
     if unknown:
         raise FleetError(f"{prices_path}: model {unknown[0]!r} is not in bundle {bundle.version}")
-    new_prices = {
-        row.model: _prices(row.model, row.input_usd_per_mtok, row.output_usd_per_mtok, prices_path)
-        for row in table.itertuples(index=False)
-    }
     day = datetime.now(timezone.utc).date().isoformat()
+    updates: dict[str, dict[str, float | str]] = {}
+    for row in table.to_dict("records"):
+        model = str(row["model"])
+        update: dict[str, float | str] = {}
+        for col in given:
+            raw = row[col]
+            if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+                continue
+            value = pd.to_numeric(pd.Series([raw]), errors="coerce").iloc[0]
+            if pd.isna(value) or value < 0:
+                raise FleetError(
+                    f"{prices_path}: {col} of {model!r} must be a non-negative number, got {raw!r}"
+                )
+            update[col] = float(value)
+        if set(update) & set(PRICE_COLUMNS[1:]):
+            update["price_source"] = f"repriced {day}"
+        updates[model] = update
     models = [
-        m.model_copy(
-            update={
-                "input_usd_per_mtok": new_prices[m.name][1],
-                "output_usd_per_mtok": new_prices[m.name][2],
-                "price_source": f"repriced {day}",
-            }
-        )
-        if m.name in new_prices
-        else m
-        for m in bundle.manifest.models
+        m.model_copy(update=updates[m.name]) if m.name in updates else m for m in bundle.manifest.models
     ]
     graph = (bundle.root / bundle.manifest.heads.file).read_bytes()
-    changed = {m: [float(x) for x in p[1:]] for m, p in new_prices.items()}
     return _write(
-        bundle, out_dir, graph, models, Reference.of_bundle(bundle), "reprice", sorted(new_prices), changed
+        bundle, out_dir, graph, models, Reference.of_bundle(bundle), "reprice", sorted(updates), updates
     )
 
 
@@ -389,6 +402,12 @@ def _prices(
     return model, float(input_usd), float(output_usd)  # type: ignore[arg-type]
 
 
+def _latency(name: str, value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise FleetError(f"{name} must be a non-negative number of milliseconds, got {value}")
+    return value
+
+
 def _read(path: Path, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
     """A parquet or CSV file with at least `columns`, or a FleetError naming the problem."""
     try:
@@ -403,10 +422,3 @@ def _read(path: Path, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
 
 def _read_parquet(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     return _read(path, columns, "parquet")
-
-
-def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    frame = _read(path, columns, "CSV")
-    for col in columns[1:]:
-        frame[col] = pd.to_numeric(frame[col], errors="coerce")
-    return frame

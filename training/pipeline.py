@@ -32,7 +32,7 @@ from training.embedder_export import ExportedEmbedder, cached_export
 from training.heads_model import KIND, HeadsModel, HeadsParams
 from training.reference import CALIBRATION_PROMPTS, Reference, prompt_key
 from training.settings import TrainSettings
-from training.tables import RoutingTable, carve_validation, load_table
+from training.tables import RoutingTable, carve_validation, latency_of, load_table
 from training.targets import Targets, build_targets, fit_token_estimator
 from training.validation import Validated, validate
 
@@ -181,6 +181,8 @@ def export(
     models = [
         ModelSpec(
             name=row.model,
+            ttft_ms=latency_of(row._asdict())["ttft_ms"],
+            tpot_ms=latency_of(row._asdict())["tpot_ms"],
             input_usd_per_mtok=float(row.input_usd_per_mtok),
             output_usd_per_mtok=float(row.output_usd_per_mtok),
             output_tokens_known=prepared.targets.output_tokens_known[row.model],

@@ -7,7 +7,7 @@ with a message naming the problem rather than training on garbage.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from training.implied_prices import fill_prices
 PROMPT_COLUMNS = ("prompt_id", "prompt", "split")
 OUTCOME_COLUMNS = ("prompt_id", "model", "score")
 PRICE_COLUMNS = ("model", "input_usd_per_mtok", "output_usd_per_mtok")
+# Optional in models.csv: time to first token and per output token, ms (latency ceilings).
+LATENCY_COLUMNS = ("ttft_ms", "tpot_ms")
 SPLITS = ("train", "test")
 
 
@@ -92,6 +94,14 @@ class RoutingTable:
             if price.isna().any() or (price < 0).any():
                 model = m.loc[price.isna() | (price < 0), "model"].iloc[0]
                 raise TableError(f"{self.name} models: {col} of {model!r} must be a non-negative number")
+        for col in LATENCY_COLUMNS:  # optional; empty means unknown
+            if col in m.columns:
+                value = pd.to_numeric(m[col], errors="coerce")
+                bad = (value.isna() & m[col].notna()) | (value < 0)
+                if bad.any():
+                    model = m.loc[bad, "model"].iloc[0]
+                    raise TableError(f"{self.name} models: {col} of {model!r} must be a non-negative number")
+                m = m.assign(**{col: value.astype(float)})
         self.outcomes = o.assign(
             score=scores.astype(float),
             input_tokens=pd.to_numeric(o["input_tokens"], errors="coerce").astype("Float64"),
@@ -152,6 +162,15 @@ class RoutingTable:
             ordered = frame[cols].sort_values(cols[:2] if len(cols) > 3 else cols[:1])
             digest.update(pd.util.hash_pandas_object(ordered, index=False).to_numpy().tobytes())
         return digest.hexdigest()
+
+
+def latency_of(row: Mapping[str, object]) -> dict[str, float | None]:
+    """A models.csv row's latency columns, None where absent or empty."""
+    out: dict[str, float | None] = {}
+    for col in LATENCY_COLUMNS:
+        value = row.get(col)
+        out[col] = None if value is None or pd.isna(value) else float(value)  # type: ignore[arg-type]
+    return out
 
 
 def load_table(directory: Path) -> RoutingTable:

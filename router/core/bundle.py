@@ -15,6 +15,7 @@ from router.core.embedder import ENCODING, Embedder, file_sha256
 from router.core.errors import BundleError
 from router.core.features import FEATURE_VERSION, feature_names
 from router.core.heads import Heads
+from router.core.latency import Latencies
 from router.core.manifest import Manifest
 from router.core.pricing import Prices, TokenEstimator
 
@@ -74,6 +75,10 @@ class Bundle:
         return Prices.from_rows(
             [(m.name, m.input_usd_per_mtok, m.output_usd_per_mtok) for m in self.manifest.models]
         )
+
+    @property
+    def latencies(self) -> Latencies:
+        return Latencies.from_specs([(m.ttft_ms, m.tpot_ms) for m in self.manifest.models])
 
     @property
     def token_estimator(self) -> TokenEstimator:

@@ -24,6 +24,7 @@ from router.core.embedder import Embedder
 from router.core.errors import BundleError, InvalidRequest
 from router.core.features import PromptFeatures, featurize
 from router.core.heads import Heads
+from router.core.latency import Latencies
 from router.core.manifest import PolicySpec
 from router.core.policy import Decision, Estimate, Preferences, decide
 from router.core.pricing import Prices, TokenEstimator
@@ -40,12 +41,14 @@ class Estimates:
     cost_usd: np.ndarray
     input_tokens: np.ndarray  # per prompt
     output_tokens: np.ndarray
+    latency_ms: np.ndarray  # NaN where a model has no latency data
 
     def candidates(self, row: int) -> list[Estimate]:
+        latencies = [None if math.isnan(x) else x for x in self.latency_ms[row].tolist()]
         return [
-            Estimate(model, q, c)
-            for model, q, c in zip(
-                self.models, self.quality[row].tolist(), self.cost_usd[row].tolist(), strict=True
+            Estimate(model, q, c, lat)
+            for model, q, c, lat in zip(
+                self.models, self.quality[row].tolist(), self.cost_usd[row].tolist(), latencies, strict=True
             )
         ]
 
@@ -70,6 +73,7 @@ class Engine:
         token_estimator: TokenEstimator,
         policy: PolicySpec,
         version: str,
+        latencies: Latencies | None = None,
     ) -> None:
         if heads.n_models != len(prices.models):
             raise ValueError(f"heads predict {heads.n_models} models, prices cover {len(prices.models)}")
@@ -79,12 +83,20 @@ class Engine:
         self.token_estimator = token_estimator
         self.policy = policy
         self.version = version
+        n = len(prices.models)
+        self.latencies = latencies or Latencies(np.full(n, np.nan), np.full(n, np.nan))
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Engine:
         m = bundle.manifest
         return cls(
-            bundle.embedder, bundle.heads, bundle.prices, bundle.token_estimator, m.policy, m.bundle_version
+            bundle.embedder,
+            bundle.heads,
+            bundle.prices,
+            bundle.token_estimator,
+            m.policy,
+            m.bundle_version,
+            bundle.latencies,
         )
 
     @property
@@ -101,7 +113,12 @@ class Engine:
         quality, out_tokens = self.heads.run(features.features)
         in_tokens = self.token_estimator.estimate(features.word_pieces, features.chars)
         return Estimates(
-            self.models, quality, self.prices.cost_usd(in_tokens, out_tokens), in_tokens, out_tokens
+            self.models,
+            quality,
+            self.prices.cost_usd(in_tokens, out_tokens),
+            in_tokens,
+            out_tokens,
+            self.latencies.latency_ms(out_tokens),
         )
 
     def estimate(self, texts: Sequence[str]) -> Estimates:
@@ -116,6 +133,7 @@ class Engine:
         preset: str = "",
         allowed_models: Sequence[str] = (),
         max_cost_usd: float | None = None,
+        max_latency_ms: float | None = None,
     ) -> Preferences:
         """The caller's wishes as policy preferences, or InvalidRequest naming the wrong field."""
         presets = self.policy.presets
@@ -144,7 +162,18 @@ class Engine:
             allowed = frozenset(allowed_models)
         if max_cost_usd is not None and (not math.isfinite(max_cost_usd) or max_cost_usd < 0):
             raise InvalidRequest("max_cost_usd", f"must be a non-negative number, got {max_cost_usd}")
-        return Preferences(cost_weight=w, allowed_models=allowed, max_cost_usd=max_cost_usd)
+        if max_latency_ms is not None:
+            if not math.isfinite(max_latency_ms) or max_latency_ms < 0:
+                raise InvalidRequest("max_latency_ms", f"must be a non-negative number, got {max_latency_ms}")
+            if not self.latencies.known:
+                raise InvalidRequest(
+                    "max_latency_ms",
+                    f"bundle {self.version} has no latency data (ttft_ms and tpot_ms in models.csv, "
+                    "or router reprice)",
+                )
+        return Preferences(
+            cost_weight=w, allowed_models=allowed, max_cost_usd=max_cost_usd, max_latency_ms=max_latency_ms
+        )
 
     def decide(self, estimates: Estimates, preferences: Sequence[Preferences]) -> list[Decision]:
         """One decision per row of `estimates`, each under its own preferences."""

@@ -60,6 +60,9 @@ class ModelSpec(_Spec):
     price_source: str = "list price"
     # How the heads know this model: trained on the routing table, or added from scored anchors.
     origin: str = "trained"
+    # Time to first token and time per output token, ms (optional; needed for latency ceilings).
+    ttft_ms: float | None = Field(default=None, ge=0)
+    tpot_ms: float | None = Field(default=None, ge=0)
 
 
 class TokenEstimatorSpec(_Spec):

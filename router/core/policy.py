@@ -1,13 +1,17 @@
 """The routing policy: a pure function from per-model estimates and the caller's wishes to a choice.
 
 CARROT's rule: choose argmax over models of (1 - w) * quality - w * cost / c_ref. Hard constraints
-(allowed_models, max_cost_usd) filter first; if the ceiling leaves nothing, the cheapest allowed
-model is chosen and the reason says so. The vectorised form (`choose`) is what the evaluator sweeps,
-so the curves in the reports are the decisions the service makes.
+(allowed_models, max_cost_usd, max_latency_ms) filter first; if the ceilings leave nothing, the
+allowed model closest to them is chosen (the one whose largest ratio of prediction to ceiling is
+smallest: the cheapest under a cost ceiling alone, the fastest under a latency ceiling alone) and
+the reason says so. A model without latency data never meets a latency ceiling. The vectorised
+form (`choose`) is what the evaluator sweeps, so the curves in the reports are the decisions the
+service makes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,6 +26,7 @@ class Estimate:
     model: str
     quality: float
     cost_usd: float
+    latency_ms: float | None = None  # None: the bundle has no latency data for the model
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +34,29 @@ class Preferences:
     cost_weight: float
     allowed_models: frozenset[str] | None = None
     max_cost_usd: float | None = None
+    max_latency_ms: float | None = None
+
+    def meets_ceilings(self, e: Estimate) -> bool:
+        if self.max_cost_usd is not None and e.cost_usd > self.max_cost_usd:
+            return False
+        if self.max_latency_ms is None:
+            return True
+        return e.latency_ms is not None and e.latency_ms <= self.max_latency_ms
+
+    def overshoot(self, e: Estimate) -> float:
+        """The largest ratio of a prediction to its ceiling (how far the model is from meeting them)."""
+        ratios = [0.0]
+        if self.max_cost_usd is not None:
+            ratios.append(_ratio(e.cost_usd, self.max_cost_usd))
+        if self.max_latency_ms is not None:
+            ratios.append(math.inf if e.latency_ms is None else _ratio(e.latency_ms, self.max_latency_ms))
+        return max(ratios)
+
+
+def _ratio(value: float, ceiling: float) -> float:
+    if ceiling > 0:
+        return value / ceiling
+    return math.inf if value > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +97,7 @@ def decide(estimates: Sequence[Estimate], prefs: Preferences, c_ref: float) -> D
     allowed = [e for e in estimates if prefs.allowed_models is None or e.model in prefs.allowed_models]
     if not allowed:
         raise ValueError("allowed_models excludes every candidate model")
-    ceiling = prefs.max_cost_usd
-    fits = [e for e in allowed if ceiling is None or e.cost_usd <= ceiling]
+    fits = [e for e in allowed if prefs.meets_ceilings(e)]
     utilities = {e.model: utility(e.quality, e.cost_usd, w, c_ref) for e in estimates}
     if fits:
         # Ties go to the cheaper model: same value for less money.
@@ -80,16 +107,41 @@ def decide(estimates: Sequence[Estimate], prefs: Preferences, c_ref: float) -> D
             f"among {len(fits)} eligible of {len(estimates)} models"
         )
         if len(fits) < len(allowed):
-            reason += f" ({len(allowed) - len(fits)} above max_cost_usd={ceiling:g})"
+            reason += f" ({len(allowed) - len(fits)} above {_ceilings(prefs)})"
         eligible = {e.model for e in fits}
     else:
-        best = min(allowed, key=lambda e: (e.cost_usd, -e.quality))
-        reason = (
-            f"no allowed model is predicted to cost at most max_cost_usd={ceiling:g}; "
-            f"chose the cheapest allowed model (predicted {best.cost_usd:.3g} USD)"
-        )
+        best = min(allowed, key=lambda e: (prefs.overshoot(e), e.cost_usd, -e.quality))
+        reason = _fallback_reason(prefs, best)
         eligible = {best.model}
     scored = tuple(Scored(e, utilities[e.model], e.model in eligible) for e in estimates)
     if best.model not in {e.model for e in estimates}:  # pragma: no cover - a guard, not a branch
         raise AssertionError("policy chose a model that is not a candidate")
     return Decision(model=best.model, reason=reason, cost_weight=w, scored=scored)
+
+
+def _ceilings(prefs: Preferences) -> str:
+    parts = []
+    if prefs.max_cost_usd is not None:
+        parts.append(f"max_cost_usd={prefs.max_cost_usd:g}")
+    if prefs.max_latency_ms is not None:
+        parts.append(f"max_latency_ms={prefs.max_latency_ms:g}")
+    return " or ".join(parts)
+
+
+def _fallback_reason(prefs: Preferences, best: Estimate) -> str:
+    cost = f"predicted {best.cost_usd:.3g} USD"
+    latency = "no latency data" if best.latency_ms is None else f"predicted {best.latency_ms:.0f} ms"
+    if prefs.max_latency_ms is None:
+        return (
+            f"no allowed model is predicted to cost at most max_cost_usd={prefs.max_cost_usd:g}; "
+            f"chose the cheapest allowed model ({cost})"
+        )
+    if prefs.max_cost_usd is None:
+        return (
+            f"no allowed model is predicted to answer within max_latency_ms={prefs.max_latency_ms:g}; "
+            f"chose the fastest allowed model ({latency})"
+        )
+    return (
+        f"no allowed model is predicted to meet both {_ceilings(prefs).replace(' or ', ' and ')}; "
+        f"chose the allowed model closest to them ({cost}, {latency})"
+    )

@@ -19,6 +19,8 @@ def to_query(request: router_pb2.RouteRequest) -> RouteQuery:
         allowed_models=tuple(request.allowed_models),
         max_cost_usd=request.max_cost_usd if request.HasField("max_cost_usd") else None,
         preset=request.preset,
+        tenant=request.tenant,
+        max_latency_ms=request.max_latency_ms if request.HasField("max_latency_ms") else None,
     )
 
 
@@ -33,6 +35,7 @@ def to_response(result: RouteResult) -> router_pb2.RouteResponse:
                 cost_usd=s.estimate.cost_usd,
                 utility=s.utility,
                 eligible=s.eligible,
+                latency_ms=s.estimate.latency_ms,
             )
             for s in d.scored
         ],
@@ -63,6 +66,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     model=m.name,
                     input_usd_per_mtok=m.input_usd_per_mtok,
                     output_usd_per_mtok=m.output_usd_per_mtok,
+                    ttft_ms=m.ttft_ms,
+                    tpot_ms=m.tpot_ms,
                 )
                 for m in models
             ],

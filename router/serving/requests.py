@@ -16,6 +16,8 @@ class RouteQuery:
     allowed_models: tuple[str, ...] = ()
     max_cost_usd: float | None = None
     preset: str = ""
+    tenant: str = ""
+    max_latency_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,4 +54,5 @@ def validate(query: RouteQuery, engine: Engine, limits: Limits) -> Preferences:
         preset=query.preset,
         allowed_models=query.allowed_models,
         max_cost_usd=query.max_cost_usd,
+        max_latency_ms=query.max_latency_ms,
     )

@@ -114,3 +114,19 @@ def test_missing_file_and_unknown_split_are_named(data_dir: Path, tmp_path: Path
     with pytest.raises(TableError, match="unknown split"):
         table.split("validation")
     assert isinstance(table, RoutingTable)
+
+
+def test_latency_columns_are_optional_and_checked(data_dir: Path, tmp_path: Path) -> None:
+    from training.tables import latency_of
+
+    p, o, m = _copy(data_dir, tmp_path)
+    m["ttft_ms"] = [250.0] + [None] * (len(m) - 1)
+    m["tpot_ms"] = [12.5] + [None] * (len(m) - 1)
+    table = load_table(_write(tmp_path, p, o, m))
+    rows = table.prices.set_index("model")
+    first, second = m["model"].iloc[0], m["model"].iloc[1]
+    assert latency_of(rows.loc[first].to_dict()) == {"ttft_ms": 250.0, "tpot_ms": 12.5}
+    assert latency_of(rows.loc[second].to_dict()) == {"ttft_ms": None, "tpot_ms": None}
+    m.loc[1, "tpot_ms"] = -3.0
+    with pytest.raises(TableError, match=f"tpot_ms of '{second}' must be a non-negative number"):
+        load_table(_write(tmp_path, p, o, m))

@@ -72,3 +72,39 @@ def test_vectorised_choice_matches_per_request_decision() -> None:
         for i in range(0, 200, 17):
             est = [Estimate(n, float(quality[i, j]), float(cost[i, j])) for j, n in enumerate(names)]
             assert decide(est, Preferences(cost_weight=w), C_REF).model == names[picks[i]]
+
+
+FAST_SLOW = [
+    Estimate("small", quality=0.40, cost_usd=0.1e-4, latency_ms=300.0),
+    Estimate("medium", quality=0.60, cost_usd=1.0e-4, latency_ms=900.0),
+    Estimate("large", quality=0.75, cost_usd=5.0e-4, latency_ms=2500.0),
+    Estimate("unknown", quality=0.99, cost_usd=0.1e-4, latency_ms=None),
+]
+
+
+def test_a_latency_ceiling_excludes_exactly_the_models_predicted_above_it() -> None:
+    d = decide(FAST_SLOW, Preferences(cost_weight=0.0, max_latency_ms=900.0), C_REF)
+    assert d.model == "medium"  # at the ceiling counts as meeting it
+    assert {s.estimate.model for s in d.scored if s.eligible} == {"small", "medium"}
+    assert "above max_latency_ms=900" in d.reason
+
+
+def test_a_model_without_latency_data_never_meets_a_latency_ceiling() -> None:
+    assert decide(FAST_SLOW, Preferences(cost_weight=0.0), C_REF).model == "unknown"
+    d = decide(FAST_SLOW, Preferences(cost_weight=0.0, max_latency_ms=1e9), C_REF)
+    assert d.model == "large" and not next(s for s in d.scored if s.estimate.model == "unknown").eligible
+
+
+def test_nothing_under_the_latency_ceiling_falls_back_to_the_fastest_allowed() -> None:
+    allowed = frozenset({"medium", "large", "unknown"})
+    d = decide(FAST_SLOW, Preferences(cost_weight=0.0, allowed_models=allowed, max_latency_ms=100.0), C_REF)
+    assert d.model == "medium" and "fastest allowed model" in d.reason
+    assert [s.estimate.model for s in d.scored if s.eligible] == ["medium"]
+
+
+def test_both_ceilings_unmet_fall_back_to_the_model_closest_to_them() -> None:
+    # small: cost 0.1e-4 / 0.05e-4 = 2x, latency 300 / 200 = 1.5x -> 2x; medium: 20x and 4.5x
+    prefs = Preferences(cost_weight=0.5, max_cost_usd=0.05e-4, max_latency_ms=200.0)
+    d = decide(FAST_SLOW[:3], prefs, C_REF)
+    assert d.model == "small" and "closest to them" in d.reason
+    assert prefs.overshoot(FAST_SLOW[0]) == pytest.approx(2.0)
