@@ -49,6 +49,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from router.serving.budgets import BudgetsError
     from router.serving.config import ServeSettings
     from router.serving.server import serve
 
@@ -67,6 +68,8 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings))
     except BundleError as exc:
         raise CliError(f"bundle {settings.bundle} refused: {exc}") from exc
+    except BudgetsError as exc:
+        raise CliError(f"budgets refused: {exc}") from exc
     except OSError as exc:
         raise CliError(str(exc)) from exc
     return 0

@@ -37,7 +37,7 @@ from training.onnx_graph import chain, select_columns
 from training.reference import Reference, prompt_key
 from training.settings import TrainSettings
 from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table
-from training.validation import DEFAULT_PRESET, calibrate_presets
+from training.validation import DEFAULT_PRESET, calibrate_presets, spend_curve
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,12 @@ def recalibrated_policy(engine: Engine, calibration: PromptFeatures, old: Policy
         c_ref = old.c_ref_usd
     basis = f"recalibrated on the estimates for {len(calibration)} validation prompts"
     presets = calibrate_presets(est.quality, est.cost_usd, est.quality, est.cost_usd, c_ref, basis)
-    default = presets[DEFAULT_PRESET].cost_weight
     return PolicySpec(
-        c_ref_usd=c_ref, default_cost_weight=default, default_preset=DEFAULT_PRESET, presets=presets
+        c_ref_usd=c_ref,
+        default_cost_weight=presets[DEFAULT_PRESET].cost_weight,
+        default_preset=DEFAULT_PRESET,
+        presets=presets,
+        spend_curve=spend_curve(est.quality, est.cost_usd, c_ref),
     )
 
 

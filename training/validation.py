@@ -60,6 +60,14 @@ def calibrate_presets(
     return presets
 
 
+def spend_curve(q_pred: np.ndarray, c_pred: np.ndarray, c_ref: float) -> list[tuple[float, float]]:
+    """(w, mean predicted cost per call of the decisions at w) over a coarse grid: where a tenant's
+    spend target starts its w (router/core/spend_control.py)."""
+    rows = np.arange(len(q_pred))
+    grid = [w for w in W_GRID[::8] if w > 0]
+    return [(float(w), float(c_pred[rows, choose(q_pred, c_pred, float(w), c_ref)].mean())) for w in grid]
+
+
 def validate(
     graph: bytes,
     embedder: Embedder,
@@ -98,5 +106,6 @@ def validate(
             default_cost_weight=presets[DEFAULT_PRESET].cost_weight,
             default_preset=DEFAULT_PRESET,
             presets=presets,
+            spend_curve=spend_curve(est.quality, est.cost_usd, c_ref),
         ),
     )

@@ -180,6 +180,10 @@ class Engine:
         c_ref = self.policy.c_ref_usd
         return [decide(estimates.candidates(row), p, c_ref) for row, p in enumerate(preferences)]
 
+    def decide_row(self, estimates: Estimates, row: int, preferences: Preferences) -> Decision:
+        """One prompt's decision under other preferences (per-tenant budgets re-decide this way)."""
+        return decide(estimates.candidates(row), preferences, self.policy.c_ref_usd)
+
     def route(self, texts: Sequence[str], preferences: Sequence[Preferences]) -> Routed:
         started = time.perf_counter()
         features = self.featurize(texts)

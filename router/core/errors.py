@@ -19,6 +19,10 @@ class Overloaded(RouterError):
     """Too many calls in flight: shed at once rather than queue without bound."""
 
 
+class BudgetExhausted(RouterError):
+    """A tenant's hard spend limit for the current window is reached (and it asked to be refused)."""
+
+
 class NotReady(RouterError):
     """No bundle loaded yet, or shutting down."""
 

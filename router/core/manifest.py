@@ -83,6 +83,8 @@ class PolicySpec(_Spec):
     default_cost_weight: float = Field(ge=0, le=1)
     default_preset: str | None = None
     presets: dict[str, PresetSpec] = Field(default_factory=dict)
+    # (w, mean predicted cost per call in USD) on validation: where a spend target starts
+    spend_curve: list[tuple[float, float]] = Field(default_factory=list)
 
 
 class ValidationFigures(_Spec):

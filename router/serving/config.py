@@ -58,7 +58,19 @@ class ServeSettings(BaseSettings):
         default=20.0, ge=0.0, description="On SIGTERM, how long in-flight calls get to finish."
     )
     bundle_poll_s: float = Field(
-        default=5.0, ge=0.0, description="How often the bundle path is checked for a new bundle; 0 = never."
+        default=5.0,
+        ge=0.0,
+        description="How often the bundle path (and the budgets file) are checked for changes; 0 = never.",
+    )
+    budgets: Path | None = Field(
+        default=None,
+        description="YAML file of per-tenant spend targets, caps and allow-lists (README); reloaded "
+        "when it changes. Unset: no budgets.",
+    )
+    spend_store: Path = Field(
+        default=Path("router-spend.sqlite"),
+        description="SQLite file where per-tenant spend and spend-target state outlive the process "
+        "(used with budgets). Per replica; put it on a persistent volume.",
     )
 
     tls_cert: Path | None = Field(default=None, description="PEM server certificate chain: enables TLS.")

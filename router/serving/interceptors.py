@@ -15,7 +15,14 @@ from typing import Any
 
 import grpc
 
-from router.core.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, RouterError
+from router.core.errors import (
+    BudgetExhausted,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    RouterError,
+)
 from router.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -23,6 +30,7 @@ log = logging.getLogger(__name__)
 STATUS_OF: dict[type[RouterError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

@@ -1,11 +1,14 @@
 """Every Prometheus metric the service exports, in one place.
 
-Label values come only from small fixed sets (gRPC method and code names, stage names) or from
-the loaded bundle (model names, its version): never from prompt text or other caller input.
+Label values come only from small fixed sets (gRPC method and code names, stage names), from the
+loaded bundle (model names, its version) or from the budgets file (the tenants it configures):
+never from prompt text or other caller input.
 The dashboards and alert rules in deploy/ query exactly these names (a contract test checks it).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
@@ -32,6 +35,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("queue", "embed", "heads", "policy")
+FALLBACK_KINDS = ("cheapest", "rejected")
 ROUTER_METHODS = ("/router.v1.Router/Route", "/router.v1.Router/ListModels", "/router.v1.Router/Info")
 
 
@@ -102,6 +106,49 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        # Per tenant: only tenants the budgets file configures (a small, operator-chosen set).
+        self.tenant_calls = Counter(
+            "router_tenant_calls", "Route decisions per configured tenant.", ["tenant"], registry=r
+        )
+        self.tenant_spend = Counter(
+            "router_tenant_spend_usd",
+            "Predicted cost of the chosen models per configured tenant, USD.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_target = Gauge(
+            "router_tenant_target_usd_per_1k",
+            "A tenant's spend target, USD per 1,000 calls.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_cost_weight = Gauge(
+            "router_tenant_cost_weight",
+            "The w a tenant's spend controller applies now.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_cap = Gauge(
+            "router_tenant_cap_usd", "A tenant's hard spend limit per window, USD.", ["tenant"], registry=r
+        )
+        self.tenant_cap_remaining = Gauge(
+            "router_tenant_cap_remaining_usd",
+            "What is left of a tenant's hard limit in the current window, USD.",
+            ["tenant"],
+            registry=r,
+        )
+        self.tenant_fallbacks = Counter(
+            "router_tenant_fallbacks",
+            "Calls of a tenant past its cap: routed to the cheapest allowed model, or rejected.",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.budget_reloads = Counter(
+            "router_budget_reloads",
+            "Budgets file reloads by result (success, failure: refused, the previous file stays).",
+            ["result"],
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
         # Series exist from the start, so the first call after a restart is already a rate increase.
@@ -110,6 +157,7 @@ class Metrics:
             self.request_seconds.labels(method=method)
         for result in ("success", "failure"):
             self.bundle_loads.labels(result=result)
+            self.budget_reloads.labels(result=result)
 
     def set_bundle(self, version: str, precision: str, models: tuple[str, ...], loaded_at: float) -> None:
         self.bundle_info.clear()
@@ -123,6 +171,40 @@ class Metrics:
         self.decisions.labels(model=model).inc()
         self.predicted_spend.labels(model=model).inc(predicted_cost_usd)
 
+    def configure_tenant(self, tenant: str, target_usd_per_1k: float | None, limit_usd: float | None) -> None:
+        self.tenant_calls.labels(tenant=tenant)
+        self.tenant_spend.labels(tenant=tenant)
+        for kind in FALLBACK_KINDS:
+            self.tenant_fallbacks.labels(tenant=tenant, kind=kind)
+        for gauge, value in ((self.tenant_target, target_usd_per_1k), (self.tenant_cap, limit_usd)):
+            if value is None:
+                _forget(gauge, tenant=tenant)
+            else:
+                gauge.labels(tenant=tenant).set(value)
+        if limit_usd is None:
+            _forget(self.tenant_cap_remaining, tenant=tenant)
+        if target_usd_per_1k is None:
+            _forget(self.tenant_cost_weight, tenant=tenant)
+
+    def forget_tenant(self, tenant: str) -> None:
+        for metric in (
+            self.tenant_calls,
+            self.tenant_spend,
+            self.tenant_target,
+            self.tenant_cost_weight,
+            self.tenant_cap,
+            self.tenant_cap_remaining,
+        ):
+            _forget(metric, tenant=tenant)
+        for kind in FALLBACK_KINDS:
+            _forget(self.tenant_fallbacks, tenant=tenant, kind=kind)
+
     def set_provider(self, provider: str) -> None:
         self.provider_info.clear()
         self.provider_info.labels(provider=provider).set(1)
+
+
+def _forget(metric: Counter | Gauge, **labels: str) -> None:
+    """Removes a label set if it exists (a tenant the budgets file no longer configures)."""
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels.values())

@@ -23,6 +23,7 @@ from router.serving.bundle_store import BundleStore
 from router.serving.config import ServeSettings
 from router.serving.grpc_api import RouterServicer
 from router.serving.interceptors import BearerToken, ErrorsAndMetrics
+from router.serving.ledger import open_ledger
 from router.serving.metrics import Metrics
 from router.serving.requests import Limits
 from router.serving.service import RouterService
@@ -58,7 +59,12 @@ class RouterServer:
         self.store = BundleStore(
             settings.bundle, self.metrics, provider=settings.provider, threads=settings.threads
         )
-        self.service = RouterService(self.store, self.limits, self.metrics, log_prompts=settings.log_prompts)
+        self.ledger = (
+            open_ledger(settings.budgets, settings.spend_store, self.metrics) if settings.budgets else None
+        )
+        self.service = RouterService(
+            self.store, self.limits, self.metrics, ledger=self.ledger, log_prompts=settings.log_prompts
+        )
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -132,6 +138,8 @@ class RouterServer:
             await asyncio.sleep(self.settings.bundle_poll_s)
             try:
                 await self.store.reload_if_changed()
+                if self.ledger is not None:
+                    self.ledger.reload_if_changed()
             except Exception:  # the watcher must outlive any one bad attempt
                 log.exception("bundle watch failed")
 

@@ -7,6 +7,7 @@ and finishes on that bundle, even if the store swaps in a new one meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -14,11 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from router.core.engine import Engine
-from router.core.errors import DeadlineExceeded, NotReady, Overloaded
+from router.core.errors import DeadlineExceeded, NotReady, Overloaded, RouterError
 from router.core.manifest import ModelSpec, PresetSpec
 from router.core.policy import Preferences
 from router.serving.batching import MicroBatcher
+from router.serving.budgets import tenant_of
 from router.serving.bundle_store import BundleStore
+from router.serving.ledger import Ledger
 from router.serving.metrics import Metrics
 from router.serving.requests import Limits, RouteQuery, RouteResult, validate
 
@@ -31,6 +34,8 @@ class _Job:
     prompt: str
     prefs: Preferences
     submitted: float
+    tenant: str
+    explicit_weight: bool  # the caller gave cost_weight or preset: a spend target does not steer it
 
 
 def _expire(future: asyncio.Future[RouteResult]) -> None:
@@ -56,11 +61,18 @@ class ServiceInfo:
 
 class RouterService:
     def __init__(
-        self, store: BundleStore, limits: Limits, metrics: Metrics, *, log_prompts: bool = False
+        self,
+        store: BundleStore,
+        limits: Limits,
+        metrics: Metrics,
+        *,
+        ledger: Ledger | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self.store = store
         self.limits = limits
         self.metrics = metrics
+        self.ledger = ledger
         self.log_prompts = log_prompts
         self._in_flight = 0
         self._accepting = True
@@ -83,11 +95,17 @@ class RouterService:
         if self._in_flight >= self.limits.max_in_flight:
             raise Overloaded(f"more than {self.limits.max_in_flight} calls in flight; retry with backoff")
         engine = self.store.active.engine
+        tenant = tenant_of(query.tenant)
+        if self.ledger is not None and self.ledger.budget(tenant) is not None:
+            allowed = self.ledger.allowed_models(tenant, query.allowed_models, engine.models)
+            query = dataclasses.replace(query, allowed_models=allowed)
         prefs = validate(query, engine, self.limits)
+        explicit = query.cost_weight is not None or bool(query.preset)
         self._in_flight += 1
         self._idle.clear()
         self.metrics.in_flight.set(self._in_flight)
-        future = self._batcher.submit(_Job(engine, query.prompt, prefs, time.perf_counter()))
+        job = _Job(engine, query.prompt, prefs, time.perf_counter(), tenant, explicit)
+        future = self._batcher.submit(job)
         # The deadline fails the future itself (the batcher then skips it): no task or waiter of
         # its own, which a lone call would pay for in event-loop turns.
         loop = asyncio.get_running_loop()
@@ -113,7 +131,7 @@ class RouterService:
         for job in jobs:
             m.stage_seconds.labels(stage="queue").observe(started - job.submitted)
         m.batch_size.observe(len(jobs))
-        results: list[RouteResult] = [None] * len(jobs)  # type: ignore[list-item]
+        results: list[RouteResult | BaseException] = [None] * len(jobs)  # type: ignore[list-item]
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(id(job.engine), []).append(i)
@@ -125,9 +143,20 @@ class RouterService:
             m.stage_seconds.labels(stage="policy").observe(routed.policy_s)
             input_tokens = routed.estimates.input_tokens.tolist()
             for row, (i, decision) in enumerate(zip(idx, routed.decisions, strict=True)):
+                job = jobs[i]
+                if self.ledger is not None and self.ledger.budget(job.tenant) is not None:
+                    try:
+                        decision = self.ledger.decide(
+                            engine, routed.estimates, row, job.prefs, job.tenant, job.explicit_weight
+                        )
+                    except RouterError as exc:  # this call only (a cap refusal)
+                        results[i] = exc
+                        continue
                 results[i] = RouteResult(decision, engine.version, int(input_tokens[row]))
                 m.record_decision(decision.model, decision.chosen.estimate.cost_usd)
-        return results
+        if self.ledger is not None:
+            self.ledger.flush()  # before the answers leave: what was decided on is on disk
+        return results  # type: ignore[return-value]
 
     # -- what it reports -------------------------------------------------------------------
 
@@ -167,4 +196,6 @@ class RouterService:
 
     async def close(self) -> None:
         self._batcher.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.ledger is not None:
+            self.ledger.close()

@@ -1,0 +1,132 @@
+"""The budgets file (`router serve --budgets FILE`): per-tenant spend targets, hard caps and allow-lists.
+
+    tenants:
+      search-team:
+        target_usd_per_1k: 0.18     # soft: hold the mean spend per 1,000 calls near this
+      batch-jobs:
+        limit_usd: 5.0              # hard: at most this much predicted spend per window
+        window_s: 86400
+        on_exhausted: cheapest      # or: reject (RESOURCE_EXHAUSTED)
+        allowed_models: [a, b]      # optional allow-list for the tenant
+
+Validated with pydantic (more keys are allowed and ignored); a file that does not validate is
+refused with a message naming the key, and the previous file stays in force. The file is watched
+and reloaded when it changes, without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.core.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_TENANT = "default"
+
+
+def tenant_of(name: str) -> str:
+    """The tenant a request names (empty: the default one), or InvalidRequest."""
+    if not name:
+        return DEFAULT_TENANT
+    if not TENANT_NAME.match(name):
+        raise InvalidRequest(
+            "tenant", f"must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-', got {name[:80]!r}"
+        )
+    return name
+
+
+class TenantBudget(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    target_usd_per_1k: float | None = Field(default=None, gt=0)
+    limit_usd: float | None = Field(default=None, gt=0)
+    window_s: float = Field(default=86400.0, gt=0)
+    on_exhausted: Literal["cheapest", "reject"] = "cheapest"
+    allowed_models: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> TenantBudget:
+        if self.target_usd_per_1k is None and self.limit_usd is None and self.allowed_models is None:
+            raise ValueError("give target_usd_per_1k, limit_usd or allowed_models")
+        return self
+
+
+class BudgetsFile(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tenants: dict[str, TenantBudget] = Field(default_factory=dict)
+
+    @field_validator("tenants")
+    @classmethod
+    def _names(cls, tenants: dict[str, TenantBudget]) -> dict[str, TenantBudget]:
+        for name in tenants:
+            if not TENANT_NAME.match(str(name)):
+                raise ValueError(f"tenant name {name!r}: 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-'")
+        return tenants
+
+
+class BudgetsError(ValueError):
+    """A budgets file that cannot be used; the message names the key."""
+
+
+def read_budgets(path: Path) -> BudgetsFile:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BudgetsError(f"{path}: not readable YAML ({exc})") from exc
+    try:
+        return BudgetsFile.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise BudgetsError(f"{path}: {where}: {first['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class Loaded:
+    budgets: BudgetsFile
+    key: tuple[int, int]  # (mtime_ns, size) of the file read
+
+
+class BudgetsWatch:
+    """The budgets in force, and the file they came from, reloaded when it changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._loaded = Loaded(read_budgets(self.path), self._key())  # a bad file at start: refuse
+        self._refused: tuple[int, int] | None = None
+
+    @property
+    def budgets(self) -> BudgetsFile:
+        return self._loaded.budgets
+
+    def _key(self) -> tuple[int, int]:
+        stat = self.path.stat()
+        return stat.st_mtime_ns, stat.st_size
+
+    def reload_if_changed(self) -> bool | None:
+        """True: a new file is in force; False: a changed file was refused; None: nothing new."""
+        try:
+            key = self._key()
+        except OSError:
+            return None  # mid-replace or gone: keep the budgets in force
+        if key == self._loaded.key or key == self._refused:
+            return None
+        try:
+            budgets = read_budgets(self.path)
+        except BudgetsError as exc:
+            self._refused = key
+            log.error("budgets file refused, the previous one stays in force: %s", exc)
+            return False
+        self._loaded = Loaded(budgets, key)
+        log.info("budgets reloaded: %d tenant(s)", len(budgets.tenants))
+        return True

@@ -1,0 +1,224 @@
+"""Per-tenant budgets at decision time: allow-lists, spend targets, hard caps, and their spend.
+
+Runs in the engine thread, one decision after another in batch order, so a cap holds even when a
+tenant's calls share a batch. For a tenant the budgets file configures:
+
+- allow-list: the tenant's `allowed_models` bound what a request may ask for (admission);
+- spend target: unless the request gives its own `cost_weight` or `preset`, its w comes from the
+  tenant's spend controller (router/core/spend_control.py), which every decision then updates with
+  its predicted cost;
+- hard cap: at most `limit_usd` of predicted spend per window of `window_s` (windows aligned to the
+  Unix epoch: daily windows start at 00:00 UTC). While budget remains, the remaining amount is a
+  cost ceiling on the decision (with the request's own max_cost_usd, whichever is lower); once it
+  is spent, `on_exhausted: cheapest` routes to the cheapest allowed model, `reject` refuses the
+  call (RESOURCE_EXHAUSTED), as it does for a call whose cheapest possible model would overrun what
+  is left. The cap holds whatever the request asks.
+
+Spend is the predicted cost of the chosen model (outcome feedback, where it exists, is not yet
+folded in). It is written to the spend store after each batch and read back at start-up.
+Tenants the file does not configure are routed as if there were no budgets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from router.core.engine import Engine, Estimates
+from router.core.errors import BudgetExhausted, InvalidRequest
+from router.core.policy import Decision, Preferences
+from router.core.spend_control import SpendController, initial_cost_weight
+from router.serving.budgets import BudgetsWatch, TenantBudget
+from router.serving.metrics import Metrics
+from router.serving.spend_store import SpendStore
+
+log = logging.getLogger(__name__)
+
+
+def window_start(now: float, window_s: float) -> int:
+    return int(math.floor(now / window_s) * window_s)
+
+
+class Ledger:
+    def __init__(
+        self,
+        watch: BudgetsWatch,
+        store: SpendStore,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.watch = watch
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self._spent = store.spend()
+        self._saved_weights = store.cost_weights()
+        self._controllers: dict[str, SpendController] = {}
+        self._pending: dict[tuple[str, int], tuple[float, int]] = {}
+        self._configured: set[str] = set()
+        # decisions run in the engine thread, reloads on the event loop: one at a time
+        self._lock = threading.RLock()
+        self._apply()
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def reload_if_changed(self) -> None:
+        with self._lock:
+            changed = self.watch.reload_if_changed()
+            if changed is not None:
+                self.metrics.budget_reloads.labels(result="success" if changed else "failure").inc()
+            if changed:
+                self._apply()
+
+    def _apply(self) -> None:
+        """Metric series for the configured tenants; controllers for new or changed targets."""
+        budgets = self.watch.budgets.tenants
+        for gone in self._configured - set(budgets):
+            self.metrics.forget_tenant(gone)
+            self._controllers.pop(gone, None)
+        self._configured = set(budgets)
+        for name, budget in budgets.items():
+            self.metrics.configure_tenant(name, budget.target_usd_per_1k, budget.limit_usd)
+            controller = self._controllers.get(name)
+            if budget.target_usd_per_1k is None:
+                self._controllers.pop(name, None)
+            elif controller is not None:
+                controller.target_usd_per_call = budget.target_usd_per_1k / 1000.0
+        self._update_gauges()
+
+    def budget(self, tenant: str) -> TenantBudget | None:
+        return self.watch.budgets.tenants.get(tenant)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def allowed_models(self, tenant: str, asked: Sequence[str], models: Sequence[str]) -> tuple[str, ...]:
+        """What the call may choose from: its own allowed_models within the tenant's allow-list."""
+        budget = self.budget(tenant)
+        if budget is None or budget.allowed_models is None:
+            return tuple(asked)
+        permitted = [m for m in budget.allowed_models if m in set(models)]
+        if not permitted:
+            raise InvalidRequest("tenant", f"none of tenant {tenant!r}'s allowed_models is in the bundle")
+        outside = [m for m in asked if m not in set(permitted)]
+        if outside:
+            raise InvalidRequest(
+                "allowed_models", f"{outside[0][:128]!r} is not allowed for tenant {tenant!r}"
+            )
+        return tuple(asked) or tuple(permitted)
+
+    # -- decisions (engine thread) -------------------------------------------------------------
+
+    def decide(
+        self,
+        engine: Engine,
+        estimates: Estimates,
+        row: int,
+        prefs: Preferences,
+        tenant: str,
+        explicit_weight: bool,
+    ) -> Decision:
+        with self._lock:
+            return self._decide(engine, estimates, row, prefs, tenant, explicit_weight)
+
+    def _decide(
+        self,
+        engine: Engine,
+        estimates: Estimates,
+        row: int,
+        prefs: Preferences,
+        tenant: str,
+        explicit_weight: bool,
+    ) -> Decision:
+        budget = self.budget(tenant)
+        if budget is None:  # pragma: no cover - the service only asks for configured tenants
+            return engine.decide_row(estimates, row, prefs)
+        controller = self._controller(tenant, budget, engine)
+        if controller is not None and not explicit_weight:
+            prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
+        note = ""
+        remaining = math.inf
+        if budget.limit_usd is not None:
+            window = window_start(self.clock(), budget.window_s)
+            remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
+            if remaining <= 0:
+                if budget.on_exhausted == "reject":
+                    self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
+                    raise BudgetExhausted(
+                        f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window "
+                        f"(resets at {window + budget.window_s:.0f}, Unix time)"
+                    )
+                prefs = Preferences(cost_weight=1.0, allowed_models=prefs.allowed_models)
+                note = f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window; "
+                self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="cheapest").inc()
+            elif prefs.max_cost_usd is None or remaining < prefs.max_cost_usd:
+                prefs = dataclasses.replace(prefs, max_cost_usd=remaining)
+                note = f"max_cost_usd is what tenant {tenant!r} has left this window ({remaining:.3g} USD); "
+        decision = engine.decide_row(estimates, row, prefs)
+        cost = decision.chosen.estimate.cost_usd
+        if 0 < remaining < cost and budget.on_exhausted == "reject":
+            self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
+            raise BudgetExhausted(
+                f"tenant {tenant!r} has {remaining:.3g} USD left this window; the cheapest allowed "
+                f"model is predicted to cost {cost:.3g} USD"
+            )
+        self._record(tenant, budget, cost, controller)
+        return dataclasses.replace(decision, reason=note + decision.reason) if note else decision
+
+    def _controller(self, tenant: str, budget: TenantBudget, engine: Engine) -> SpendController | None:
+        if budget.target_usd_per_1k is None:
+            return None
+        controller = self._controllers.get(tenant)
+        if controller is None:
+            target = budget.target_usd_per_1k / 1000.0
+            start = self._saved_weights.get(tenant) or initial_cost_weight(
+                engine.policy.spend_curve, target, engine.policy.default_cost_weight
+            )
+            controller = self._controllers[tenant] = SpendController(target, start)
+        return controller
+
+    def _record(
+        self, tenant: str, budget: TenantBudget, cost: float, controller: SpendController | None
+    ) -> None:
+        window = window_start(self.clock(), budget.window_s if budget.limit_usd is not None else 86400.0)
+        key = (tenant, window)
+        self._spent[key] = self._spent.get(key, 0.0) + cost
+        usd, calls = self._pending.get(key, (0.0, 0))
+        self._pending[key] = (usd + cost, calls + 1)
+        if controller is not None:
+            controller.observe(cost)
+        self.metrics.tenant_calls.labels(tenant=tenant).inc()
+        self.metrics.tenant_spend.labels(tenant=tenant).inc(cost)
+
+    def flush(self) -> None:
+        """Writes the spend of the decisions since the last flush (engine thread, once per batch)."""
+        with self._lock:
+            if not self._pending:
+                return
+            weights = {t: c.cost_weight for t, c in self._controllers.items()}
+            self.store.add(self._pending, weights)
+            self._pending = {}
+            self._saved_weights |= weights
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        now = self.clock()
+        for name, budget in self.watch.budgets.tenants.items():
+            controller = self._controllers.get(name)
+            if controller is not None:
+                self.metrics.tenant_cost_weight.labels(tenant=name).set(controller.cost_weight)
+            if budget.limit_usd is not None:
+                spent = self._spent.get((name, window_start(now, budget.window_s)), 0.0)
+                self.metrics.tenant_cap_remaining.labels(tenant=name).set(max(budget.limit_usd - spent, 0.0))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_ledger(budgets: Path, spend_store: Path, metrics: Metrics) -> Ledger:
+    """The ledger for a budgets file; a file that does not validate stops the start-up."""
+    return Ledger(BudgetsWatch(budgets), SpendStore(spend_store), metrics)

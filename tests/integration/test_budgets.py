@@ -1,0 +1,173 @@
+"""Per-tenant budgets through the real server: hard caps (with both fallbacks, across a restart),
+allow-lists, tenant names, and a budgets file edited under load or broken."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.cli import main
+from router.v1 import router_pb2
+from tests.helpers import Traffic, router_stub, running_server
+
+PROMPTS = [
+    "What is the capital of Australia?",
+    "Prove that there are infinitely many prime numbers.",
+    "Write a Python function that merges two sorted lists in linear time.",
+    "Summarise the causes of the First World War in three sentences.",
+]
+
+
+def _write(path: Path, text: str) -> None:
+    """Replaces the file atomically, as an editor or a ConfigMap update does."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _route(stub, prompt: str, tenant: str = "", **fields) -> router_pb2.RouteResponse:
+    return stub.Route(router_pb2.RouteRequest(prompt=prompt, tenant=tenant, **fields), timeout=30)
+
+
+def _cost(response: router_pb2.RouteResponse) -> float:
+    return next(e.cost_usd for e in response.estimates if e.model == response.model)
+
+
+def _cheapest(response: router_pb2.RouteResponse) -> str:
+    return min(response.estimates, key=lambda e: e.cost_usd).model
+
+
+@pytest.fixture(scope="module")
+def typical_cost(server) -> float:
+    with router_stub(server.address) as stub:
+        return max(_cost(_route(stub, p)) for p in PROMPTS)
+
+
+@pytest.fixture
+def budgets(tmp_path: Path, typical_cost: float) -> Path:
+    path = tmp_path / "budgets.yaml"
+    limit = 3 * typical_cost
+    _write(
+        path,
+        "tenants:\n"
+        f"  capped: {{limit_usd: {limit!r}, window_s: 86400, on_exhausted: cheapest}}\n"
+        f"  strict: {{limit_usd: {limit!r}, on_exhausted: reject}}\n"
+        "  listed: {allowed_models: [gemma-7b, Yi-6B]}\n",
+    )
+    return path
+
+
+def test_a_tenant_past_its_cap_gets_the_cheapest_model_others_are_unchanged_and_it_holds_across_a_restart(
+    server, budgets: Path, tmp_path: Path
+) -> None:
+    store = tmp_path / "spend.sqlite"
+    with router_stub(server.address) as plain:
+        reference = {p: _route(plain, p) for p in PROMPTS}
+    with (
+        running_server(bundle=server.settings.bundle, budgets=budgets, spend_store=store) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        # another tenant (not configured) and the default one decide as with no budgets at all
+        for p in PROMPTS:
+            for tenant in ("", "someone-else"):
+                r = _route(stub, p, tenant)
+                assert r.model == reference[p].model and r.reason == reference[p].reason
+                assert [e.cost_usd for e in r.estimates] == [e.cost_usd for e in reference[p].estimates]
+        limit = 3 * max(_cost(r) for r in reference.values())
+        costs, exhausted = [], []
+        for i in range(30):
+            r = _route(stub, PROMPTS[i % len(PROMPTS)], "capped")
+            if "has spent its" in r.reason:
+                exhausted.append(r)
+            else:
+                assert not exhausted, "once spent, the cap stays spent within the window"
+                costs.append(_cost(r))
+        # every decision before the cap was made with budget left (the last may be the cheapest
+        # model going past it: `cheapest` keeps answering); after it, only the cheapest model
+        assert exhausted and sum(costs[:-1]) < limit <= sum(costs) + 1e-15
+        assert all(r.model == _cheapest(r) for r in exhausted)
+        codes, strict_costs = [], []
+        for i in range(30):
+            try:
+                strict_costs.append(_cost(_route(stub, PROMPTS[i % len(PROMPTS)], "strict")))
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert "strict" in exc.details()
+        assert sum(strict_costs) <= limit, "with `reject`, the limit holds exactly"
+        assert codes[0] == grpc.StatusCode.OK and codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert set(codes[codes.index(grpc.StatusCode.RESOURCE_EXHAUSTED) :]) == {
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        }
+    # a new process on the same spend store: still spent
+    with (
+        running_server(bundle=server.settings.bundle, budgets=budgets, spend_store=store) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        r = _route(stub, PROMPTS[1], "capped")
+        assert "has spent its" in r.reason and r.model == _cheapest(r)
+        with pytest.raises(grpc.RpcError) as info:
+            _route(stub, PROMPTS[1], "strict")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_tenant_allow_list_bounds_the_choice_and_names_are_checked(
+    server, budgets: Path, tmp_path: Path
+) -> None:
+    with (
+        running_server(
+            bundle=server.settings.bundle, budgets=budgets, spend_store=tmp_path / "s.sqlite"
+        ) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        r = _route(stub, PROMPTS[1], "listed", cost_weight=0.0)
+        assert r.model in {"gemma-7b", "Yi-6B"}
+        assert {e.model for e in r.estimates if e.eligible} == {"gemma-7b", "Yi-6B"}
+        for fields, field in (
+            ({"tenant": "listed", "allowed_models": ["gemini-1.5-pro-002"]}, "allowed_models"),
+            ({"tenant": "no spaces allowed"}, "tenant"),
+            ({"tenant": "x" * 65}, "tenant"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], **fields), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith(f"{field}:")
+
+
+def test_a_budgets_file_edited_under_load_takes_effect_and_a_broken_one_is_refused(
+    server, budgets: Path, tmp_path: Path
+) -> None:
+    settings = {"budgets": budgets, "spend_store": tmp_path / "s.sqlite", "bundle_poll_s": 0.2}
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        assert _route(stub, PROMPTS[0], "listed", cost_weight=0.0).model in {"gemma-7b", "Yi-6B"}
+        with Traffic(srv.address, clients=4) as traffic:
+            time.sleep(0.5)
+            _write(budgets, "tenants:\n  listed: {allowed_models: [Yi-6B]}\n")
+            deadline = time.monotonic() + 20
+            while _route(stub, PROMPTS[0], "listed", cost_weight=0.0).model != "Yi-6B":
+                assert time.monotonic() < deadline, "the edited budgets never took effect"
+                time.sleep(0.1)
+            _write(budgets, "tenants:\n  listed: {allowed_models: [Yi-6B], limit_usd: -1}\n")
+            deadline = time.monotonic() + 20
+            while srv.server.metrics.budget_reloads.labels(result="failure")._value.get() < 1:
+                assert time.monotonic() < deadline, "the broken budgets file was never looked at"
+                time.sleep(0.1)
+            time.sleep(0.5)
+        assert {code for _, _, code, _ in traffic.results} == {grpc.StatusCode.OK}
+        # the broken file was refused: the edited one is still in force
+        assert _route(stub, PROMPTS[2], "listed", cost_weight=0.0).model == "Yi-6B"
+
+
+def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
+    small_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "budgets.yaml"
+    _write(
+        path, "tenants:\n  ok-team: {target_usd_per_1k: 0.2}\n  bad: {limit_usd: 5, on_exhausted: shrug}\n"
+    )
+    code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tenants.bad.on_exhausted" in err and "Traceback" not in err
