@@ -1,0 +1,39 @@
+"""The spend controller on its own: it converges on a target, follows a shift, and starts from the
+calibrated curve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from router.core.spend_control import W_MAX, W_MIN, SpendController, initial_cost_weight
+
+
+def _spend(w: float, scale: float, rng: np.random.Generator) -> float:
+    """A stand-in for the router: cost per call falls with w (log-linear), noisily."""
+    return scale * 0.001 * w**-0.6 * float(rng.lognormal(0.0, 0.8))
+
+
+def test_it_holds_the_mean_spend_at_the_target_and_follows_a_shift_in_the_mix() -> None:
+    rng = np.random.default_rng(0)
+    target = 0.01
+    controller = SpendController(target, cost_weight=0.5)
+    spent = []
+    for i in range(6000):
+        scale = 1.0 if i < 3000 else 3.0  # the traffic turns three times as expensive
+        cost = _spend(controller.cost_weight, scale, rng)
+        controller.observe(cost)
+        spent.append(cost)
+    for start in (1000, 4000):
+        window = np.mean(spent[start : start + 2000])
+        assert window == pytest.approx(target, rel=0.15)
+    assert W_MIN <= controller.cost_weight <= W_MAX
+
+
+def test_it_starts_where_the_calibrated_curve_spends_the_target() -> None:
+    curve = [(1e-4, 0.02), (1e-3, 0.01), (1e-2, 0.004), (1e-1, 0.001)]
+    assert initial_cost_weight(curve, 0.01, default=0.5) == pytest.approx(1e-3)
+    between = initial_cost_weight(curve, 0.006, default=0.5)
+    assert 1e-3 < between < 1e-2
+    assert initial_cost_weight(curve, 1.0, default=0.5) == pytest.approx(1e-4)  # beyond: the end
+    assert initial_cost_weight([], 0.01, default=0.3) == 0.3
