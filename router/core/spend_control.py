@@ -26,8 +26,8 @@ import numpy as np
 
 W_MIN = 1e-6
 W_MAX = 1.0
-GAIN = 0.02
-SMOOTHING = 0.05
+GAIN = 0.16
+SMOOTHING = 0.1
 
 
 def initial_cost_weight(

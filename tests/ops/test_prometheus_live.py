@@ -58,6 +58,13 @@ INVALID_REQUESTS = (
     router_pb2.RouteRequest(prompt="Is this valid?", cost_weight=1.5),
     router_pb2.RouteRequest(prompt="Is this valid?", allowed_models=["no-such-model"]),
 )
+# Tenants of the budgets file the router runs with, so that the tenant panels have data.
+TENANTS = ("team-steered", "team-capped")
+BUDGETS = """
+tenants:
+  team-steered: {target_usd_per_1k: 0.2}
+  team-capped: {limit_usd: 100.0, window_s: 3600}
+"""
 # What Grafana would put in for its built-in variables on a dashboard showing the last minutes:
 # windows wide enough to hold every scrape since the test began (the scrape interval is 1 s).
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "5s", "__range": "5m", "__range_s": "300"}
@@ -125,6 +132,11 @@ def _drive_traffic(address: str) -> tuple[int, int]:
             for p in PROMPTS
             for w in COST_WEIGHTS
         ]
+        calls += [
+            stub.Route.future(router_pb2.RouteRequest(prompt=p, tenant=t), timeout=60)
+            for p in PROMPTS
+            for t in TENANTS
+        ]
         for call in calls:
             assert call.result().model
         for request in INVALID_REQUESTS:
@@ -140,9 +152,11 @@ def _prime(address: str) -> tuple[int, int]:
     with grpc.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]), timeout=60)
+        for tenant in TENANTS:
+            stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], tenant=tenant), timeout=60)
         with pytest.raises(grpc.RpcError):
             stub.Route(INVALID_REQUESTS[0], timeout=10)
-    return 2, 1
+    return 2 + len(TENANTS), 1
 
 
 def _refuse_a_bundle(server: ServerThread, link: Path, workdir: Path) -> None:
@@ -162,7 +176,10 @@ def observed(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     workdir = tmp_path_factory.mktemp("prometheus")
     link = workdir / "current"
     link.symlink_to(small_bundle, target_is_directory=True)
-    with running_server(bundle=link, bundle_poll_s=0.2) as server:
+    budgets = workdir / "budgets.yaml"
+    budgets.write_text(BUDGETS)
+    settings = {"budgets": budgets, "spend_store": workdir / "spend.sqlite", "bundle_poll_s": 0.2}
+    with running_server(bundle=link, **settings) as server:
         config = _write_config(workdir, server.server.metrics_port)
         with run_prometheus(config, workdir) as prometheus:
             target = f"127.0.0.1:{server.server.metrics_port}"

@@ -1,0 +1,166 @@
+"""Replay: can a spend target hold while the traffic mix shifts? (a benchmark, through the gRPC API)
+
+    python -m training.budget_replay --bundle bundles/mmlu_pro --data ../shared/data/mmlu_pro
+
+The table's test prompts (those every model answered), ordered by category so that the mix shifts
+during the run, are sent one at a time to a `router serve` started with a budgets file that gives
+one tenant a spend target: 30% of the most accurate single model's mean cost on these prompts.
+Reported, from the first TRANSIENT calls on, over every window of WINDOW consecutive calls and over
+the whole run: the tenant's spend per call against the target, both as the router accounts it (the
+predicted cost of each decision: what the controller and the caps see) and as the table bills it
+(the recorded cost of the chosen model); beside it, the same prompts at the bundle's fixed
+`cost-30` preset (calibrated offline for that share). Quality: the mean score reached, against the
+router's offline cost/quality curve on the same prompts at the realised spend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from router.core.engine import open_engine
+from router.core.policy import choose
+from router.v1 import router_pb2, router_pb2_grpc
+from training.bench import _free_port, wait_serving
+from training.metrics import W_GRID, hull
+from training.tables import complete_rows, load_table
+
+TRANSIENT = 200
+WINDOW = 500
+TENANT = "replay"
+
+
+def _windows(values: np.ndarray, target: float) -> dict[str, float]:
+    after = values[TRANSIENT:]
+    sliding = np.convolve(after, np.ones(WINDOW) / WINDOW, mode="valid")
+    return {
+        "whole_run_over_target": float(values.mean() / target),
+        "worst_window_over_target": float(sliding[np.argmax(np.abs(sliding / target - 1))] / target),
+        "windows_within_10pct": float(np.mean(np.abs(sliding / target - 1) <= 0.10)),
+    }
+
+
+def replay(bundle_dir: Path, data_dir: Path) -> dict:
+    _, engine = open_engine(bundle_dir, provider="cpu")
+    test = load_table(data_dir).split("test")
+    keep = complete_rows(test, engine.models)
+    prompts = test.prompts[keep].reset_index(drop=True)
+    order = np.argsort(prompts["source"].to_numpy(), kind="stable")
+    texts = [str(t) for t in prompts["prompt"].to_numpy()[order]]
+    score = test.matrix("score", engine.models)[keep][order]
+    cost = test.matrix("cost_usd", engine.models)[keep][order]
+    best = int(np.argmax(score.mean(axis=0)))
+    target = 0.3 * float(cost[:, best].mean())
+
+    chosen, predicted = _through_the_server(bundle_dir, texts, target)
+    index = [engine.models.index(m) for m in chosen]
+    rows = np.arange(len(texts))
+    realised = cost[rows, index]
+    quality = float(score[rows, index].mean())
+
+    est = engine.estimate(texts)
+    preset = engine.policy.presets["cost-30"].cost_weight
+    fixed = choose(est.quality, est.cost_usd, preset, engine.policy.c_ref_usd)
+    points = [choose(est.quality, est.cost_usd, float(w), engine.policy.c_ref_usd) for w in W_GRID]
+    curve = hull(
+        np.array([cost[rows, p].mean() for p in points]), np.array([score[rows, p].mean() for p in points])
+    )
+    return {
+        "prompts": len(texts),
+        "categories_in_order": list(dict.fromkeys(prompts["source"].to_numpy()[order].tolist())),
+        "most_accurate_model": engine.models[best],
+        "target_usd_per_1k": 1000 * target,
+        "controller": {
+            "predicted": _windows(np.array(predicted), target),
+            "billed": _windows(realised, target),
+            "quality": quality,
+            "curve_quality_at_billed_spend": curve.at(float(realised.mean())),
+        },
+        "fixed_preset_cost_30": {
+            "cost_weight": preset,
+            "predicted": _windows(est.cost_usd[rows, fixed], target),
+            "billed": _windows(cost[rows, fixed], target),
+            "quality": float(score[rows, fixed].mean()),
+        },
+    }
+
+
+def _through_the_server(bundle_dir: Path, texts: list[str], target: float) -> tuple[list[str], list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        budgets = Path(tmp) / "budgets.yaml"
+        budgets.write_text(f"tenants:\n  {TENANT}:\n    target_usd_per_1k: {1000 * target!r}\n")
+        port = _free_port()
+        command = ["serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--bundle-poll-s", "0"]
+        command += ["--budgets", str(budgets), "--spend-store", str(Path(tmp) / "spend.sqlite")]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=os.environ.copy(),
+        )
+        try:
+            address = f"127.0.0.1:{port}"
+            wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
+            chosen, predicted = [], []
+            with grpc.insecure_channel(address) as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                for text in texts:
+                    r = stub.Route(router_pb2.RouteRequest(prompt=text, tenant=TENANT), timeout=60)
+                    chosen.append(r.model)
+                    predicted.append(next(e.cost_usd for e in r.estimates if e.model == r.model))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    return chosen, predicted
+
+
+def report(r: dict) -> str:
+    c, f = r["controller"], r["fixed_preset_cost_30"]
+
+    def line(name: str, d: dict) -> str:
+        within = 100 * d["windows_within_10pct"]
+        return (
+            f"{name}: whole run {d['whole_run_over_target']:.3f}x the target, worst {WINDOW}-call window "
+            f"{d['worst_window_over_target']:.3f}x, windows within 10%: {within:.0f}%"
+        )
+
+    return "\n".join(
+        [
+            f"{r['prompts']} test prompts in {len(r['categories_in_order'])} categories, in order; target "
+            f"{r['target_usd_per_1k']:.4f} USD per 1k calls (30% of {r['most_accurate_model']}'s mean cost)",
+            line("spend target, as the router accounts it (predicted)", c["predicted"]),
+            line("spend target, as billed (recorded costs)", c["billed"]),
+            f"  quality {c['quality']:.4f}; the offline curve at the billed spend: "
+            f"{c['curve_quality_at_billed_spend']:.4f}",
+            line(f"fixed cost-30 preset (w={f['cost_weight']:g}), predicted", f["predicted"]),
+            line("fixed cost-30 preset, billed", f["billed"]),
+            f"  quality {f['quality']:.4f}",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", default="bundles/default")
+    parser.add_argument("--data", default="../shared/data/mmlu_pro")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    result = replay(Path(args.bundle), Path(args.data))
+    print(report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
