@@ -123,51 +123,42 @@ class Ledger:
         explicit_weight: bool,
     ) -> Decision:
         with self._lock:
-            return self._decide(engine, estimates, row, prefs, tenant, explicit_weight)
-
-    def _decide(
-        self,
-        engine: Engine,
-        estimates: Estimates,
-        row: int,
-        prefs: Preferences,
-        tenant: str,
-        explicit_weight: bool,
-    ) -> Decision:
-        budget = self.budget(tenant)
-        if budget is None:  # pragma: no cover - the service only asks for configured tenants
-            return engine.decide_row(estimates, row, prefs)
-        controller = self._controller(tenant, budget, engine)
-        if controller is not None and not explicit_weight:
-            prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
-        note = ""
-        remaining = math.inf
-        if budget.limit_usd is not None:
-            window = window_start(self.clock(), budget.window_s)
-            remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
-            if remaining <= 0:
-                if budget.on_exhausted == "reject":
-                    self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
-                    raise BudgetExhausted(
-                        f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window "
-                        f"(resets at {window + budget.window_s:.0f}, Unix time)"
+            budget = self.budget(tenant)
+            if budget is None:  # pragma: no cover - the service only asks for configured tenants
+                return engine.decide_row(estimates, row, prefs)
+            controller = self._controller(tenant, budget, engine)
+            if controller is not None and not explicit_weight:
+                prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
+            note = ""
+            remaining = math.inf
+            if budget.limit_usd is not None:
+                window = window_start(self.clock(), budget.window_s)
+                remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
+                if remaining <= 0:
+                    if budget.on_exhausted == "reject":
+                        self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
+                        raise BudgetExhausted(
+                            f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window "
+                            f"(resets at {window + budget.window_s:.0f}, Unix time)"
+                        )
+                    prefs = Preferences(cost_weight=1.0, allowed_models=prefs.allowed_models)
+                    note = f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window; "
+                    self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="cheapest").inc()
+                elif prefs.max_cost_usd is None or remaining < prefs.max_cost_usd:
+                    prefs = dataclasses.replace(prefs, max_cost_usd=remaining)
+                    note = (
+                        f"max_cost_usd is what tenant {tenant!r} has left this window ({remaining:.3g} USD); "
                     )
-                prefs = Preferences(cost_weight=1.0, allowed_models=prefs.allowed_models)
-                note = f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window; "
-                self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="cheapest").inc()
-            elif prefs.max_cost_usd is None or remaining < prefs.max_cost_usd:
-                prefs = dataclasses.replace(prefs, max_cost_usd=remaining)
-                note = f"max_cost_usd is what tenant {tenant!r} has left this window ({remaining:.3g} USD); "
-        decision = engine.decide_row(estimates, row, prefs)
-        cost = decision.chosen.estimate.cost_usd
-        if 0 < remaining < cost and budget.on_exhausted == "reject":
-            self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
-            raise BudgetExhausted(
-                f"tenant {tenant!r} has {remaining:.3g} USD left this window; the cheapest allowed "
-                f"model is predicted to cost {cost:.3g} USD"
-            )
-        self._record(tenant, budget, cost, controller)
-        return dataclasses.replace(decision, reason=note + decision.reason) if note else decision
+            decision = engine.decide_row(estimates, row, prefs)
+            cost = decision.chosen.estimate.cost_usd
+            if 0 < remaining < cost and budget.on_exhausted == "reject":
+                self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
+                raise BudgetExhausted(
+                    f"tenant {tenant!r} has {remaining:.3g} USD left this window; the cheapest allowed "
+                    f"model is predicted to cost {cost:.3g} USD"
+                )
+            self._record(tenant, budget, cost, controller)
+            return dataclasses.replace(decision, reason=note + decision.reason) if note else decision
 
     def _controller(self, tenant: str, budget: TenantBudget, engine: Engine) -> SpendController | None:
         if budget.target_usd_per_1k is None:
