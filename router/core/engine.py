@@ -26,6 +26,7 @@ from router.core.features import PromptFeatures, featurize
 from router.core.heads import Heads
 from router.core.latency import Latencies
 from router.core.manifest import PolicySpec
+from router.core.online import OnlineMemory
 from router.core.policy import Decision, Estimate, Preferences, decide
 from router.core.pricing import Prices, TokenEstimator
 
@@ -59,6 +60,7 @@ class Routed:
 
     decisions: list[Decision]
     estimates: Estimates
+    features: PromptFeatures
     embed_s: float
     heads_s: float
     policy_s: float
@@ -85,6 +87,9 @@ class Engine:
         self.version = version
         n = len(prices.models)
         self.latencies = latencies or Latencies(np.full(n, np.nan), np.full(n, np.nan))
+        # Outcome feedback learnt online (router/core/online.py); the service shares one memory
+        # between the bundles it swaps in.
+        self.online: OnlineMemory | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Engine:
@@ -111,6 +116,8 @@ class Engine:
 
     def estimate_features(self, features: PromptFeatures) -> Estimates:
         quality, out_tokens = self.heads.run(features.features)
+        if self.online is not None and len(self.online):
+            quality, out_tokens = self.online.adjust(features.features, self.models, quality, out_tokens)
         in_tokens = self.token_estimator.estimate(features.word_pieces, features.chars)
         return Estimates(
             self.models,
@@ -194,6 +201,7 @@ class Engine:
         return Routed(
             decisions,
             estimates,
+            features,
             embed_s=embedded - started,
             heads_s=estimated - embedded,
             policy_s=time.perf_counter() - estimated,

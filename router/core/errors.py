@@ -23,6 +23,18 @@ class BudgetExhausted(RouterError):
     """A tenant's hard spend limit for the current window is reached (and it asked to be refused)."""
 
 
+class NotFound(RouterError):
+    """What a call refers to does not exist (an unknown or expired decision id)."""
+
+
+class StoreUnavailable(RouterError):
+    """The feedback store cannot be reached; Route keeps serving."""
+
+
+class FeedbackDisabled(RouterError):
+    """Feedback needs a store (router serve --feedback-store)."""
+
+
 class NotReady(RouterError):
     """No bundle loaded yet, or shutting down."""
 

@@ -145,3 +145,26 @@ def _fallback_reason(prefs: Preferences, best: Estimate) -> str:
         f"no allowed model is predicted to meet both {_ceilings(prefs).replace(' or ', ' and ')}; "
         f"chose the allowed model closest to them ({cost}, {latency})"
     )
+
+
+def explore(decision: Decision, rate: float, draw: float, pick: float) -> tuple[Decision, float]:
+    """Exploration: with probability `rate` the model is drawn uniformly from the eligible ones.
+
+    `draw` and `pick` are uniform in [0, 1) (the caller's random numbers, so this stays a pure
+    function). Returns the decision taken and its propensity, the probability this rule had of
+    taking that model: (1 - rate) + rate / n for the greedy choice, rate / n for another one,
+    with n eligible models; logged outcomes can be weighted by its inverse."""
+    eligible = [s.estimate.model for s in decision.scored if s.eligible]
+    n = len(eligible)
+    greedy = (1.0 - rate) + rate / n
+    if rate <= 0.0 or draw >= rate:
+        return decision, greedy
+    model = eligible[min(int(pick * n), n - 1)]
+    propensity = greedy if model == decision.model else rate / n
+    reason = (
+        f"exploration: drawn uniformly from the {n} eligible models (probability {rate:g} per call; "
+        f"this choice {propensity:.3g}); the greedy choice was {decision.model}"
+    )
+    return Decision(
+        model=model, reason=reason, cost_weight=decision.cost_weight, scored=decision.scored
+    ), propensity

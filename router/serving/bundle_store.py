@@ -17,10 +17,13 @@ from pathlib import Path
 from router.core.bundle import Bundle
 from router.core.engine import Engine, open_engine
 from router.core.errors import NotReady
+from router.core.online import OnlineMemory
 from router.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# all-MiniLM-L6-v2's: what the online memory stores (a bundle with another embedder does not use it)
+DEFAULT_EMBEDDING_DIM = 384
 # First runs allocate ONNX Runtime buffers: paid before taking traffic, not by a caller.
 WARMUP_PROMPTS = (
     "Hi",
@@ -57,6 +60,8 @@ class BundleStore:
         self._threads = threads
         self._active: Active | None = None
         self._rejected: set[str] = set()
+        # What feedback taught (router/core/online.py), given to every bundle this store loads.
+        self.online = OnlineMemory(DEFAULT_EMBEDDING_DIM)
 
     @property
     def ready(self) -> bool:
@@ -95,6 +100,12 @@ class BundleStore:
         key = manifest_key(self.path)
         try:
             bundle, engine = open_engine(self.path, provider=self._provider, threads=self._threads)
+            if bundle.embedder.dim == self.online.dim:
+                engine.online = self.online
+            else:
+                log.warning(
+                    "bundle embeds in %d dimensions: the online memory is not used", bundle.embedder.dim
+                )
             warm_up(engine)
         except Exception:
             self._metrics.bundle_loads.labels(result="failure").inc()

@@ -88,6 +88,24 @@ class ServeSettings(BaseSettings):
     auth_exempt_reflection: bool = Field(
         default=False, description="Let reflection through without the token."
     )
+    feedback_store: str | None = Field(
+        default=None,
+        description="Where decisions and outcome feedback are kept: sqlite:///PATH (one server) or "
+        "postgresql://... (replicas sharing one store). Unset: no Feedback, nothing recorded.",
+    )
+    store_prompts: bool = Field(
+        default=False, description="Keep prompt text in the feedback store (off: features only)."
+    )
+    explore: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of drawing a decision uniformly from the eligible models (logged "
+        "with its propensity); 0 = always the best-scoring model.",
+    )
+    feedback_retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="How long decisions (and their outcomes) are kept."
+    )
     log_prompts: bool = Field(default=False, description="Log prompt text (debugging only; off by default).")
     log_level: str = Field(default="INFO", description="Python logging level.")
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 import grpc
 
 from router import __version__
+from router.serving.feedback import FeedbackQuery
 from router.serving.requests import RouteQuery, RouteResult
 from router.serving.service import RouterService
 from router.v1 import router_pb2, router_pb2_grpc
@@ -43,6 +45,21 @@ def to_response(result: RouteResult) -> router_pb2.RouteResponse:
         reason=d.reason,
         cost_weight=d.cost_weight,
         input_tokens=result.input_tokens,
+        decision_id=result.decision_id,
+    )
+
+
+def to_feedback(request: router_pb2.FeedbackRequest) -> FeedbackQuery:
+    def optional(name: str) -> Any:
+        return getattr(request, name) if request.HasField(name) else None
+
+    return FeedbackQuery(
+        decision_id=request.decision_id,
+        model=request.model,
+        score=optional("score"),
+        input_tokens=optional("input_tokens"),
+        output_tokens=optional("output_tokens"),
+        cost_usd=optional("cost_usd"),
     )
 
 
@@ -55,6 +72,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.RouteResponse:
         result = await self._service.route(to_query(request), timeout_s=context.time_remaining())
         return to_response(result)
+
+    async def Feedback(
+        self, request: router_pb2.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.FeedbackResponse:
+        recorded, message = await self._service.report(to_feedback(request))
+        return router_pb2.FeedbackResponse(recorded=recorded, message=message)
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

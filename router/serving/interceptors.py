@@ -18,10 +18,13 @@ import grpc
 from router.core.errors import (
     BudgetExhausted,
     DeadlineExceeded,
+    FeedbackDisabled,
     InvalidRequest,
+    NotFound,
     NotReady,
     Overloaded,
     RouterError,
+    StoreUnavailable,
 )
 from router.serving.metrics import Metrics
 
@@ -31,6 +34,9 @@ STATUS_OF: dict[type[RouterError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    FeedbackDisabled: grpc.StatusCode.FAILED_PRECONDITION,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

@@ -36,7 +36,14 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("queue", "embed", "heads", "policy")
 FALLBACK_KINDS = ("cheapest", "rejected")
-ROUTER_METHODS = ("/router.v1.Router/Route", "/router.v1.Router/ListModels", "/router.v1.Router/Info")
+FEEDBACK_RESULTS = ("recorded", "duplicate", "not_found", "invalid")
+STORE_OPS = ("record", "outcome", "sync", "purge")
+ROUTER_METHODS = (
+    "/router.v1.Router/Route",
+    "/router.v1.Router/ListModels",
+    "/router.v1.Router/Info",
+    "/router.v1.Router/Feedback",
+)
 
 
 class Metrics:
@@ -149,8 +156,48 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.decisions_logged = Counter(
+            "router_feedback_decisions_logged",
+            "Decisions written to the feedback store.",
+            registry=r,
+        )
+        self.feedback_dropped = Counter(
+            "router_feedback_decisions_dropped",
+            "Decisions dropped before reaching the feedback store (its queue was full: the store is "
+            "down or too slow).",
+            registry=r,
+        )
+        self.feedback_outcomes = Counter(
+            "router_feedback_outcomes",
+            "Feedback calls by result (recorded, duplicate, not_found, invalid).",
+            ["result"],
+            registry=r,
+        )
+        self.feedback_store_seconds = Histogram(
+            "router_feedback_store_duration_seconds",
+            "Time per feedback store operation (record: a batch of decisions; outcome; sync).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.feedback_store_errors = Counter(
+            "router_feedback_store_errors",
+            "Feedback store operations that failed, by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.online_memory = Gauge(
+            "router_online_memory_outcomes",
+            "Outcomes in the online memory the estimates consult.",
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for result in FEEDBACK_RESULTS:
+            self.feedback_outcomes.labels(result=result)
+        for op in STORE_OPS:
+            self.feedback_store_seconds.labels(op=op)
+            self.feedback_store_errors.labels(op=op)
         # Series exist from the start, so the first call after a restart is already a rate increase.
         for method in ROUTER_METHODS:
             self.requests.labels(method=method, code="OK")

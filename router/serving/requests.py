@@ -25,6 +25,7 @@ class RouteResult:
     decision: Decision
     bundle_version: str
     input_tokens: int
+    decision_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from prometheus_client import start_http_server
 
 from router.serving.bundle_store import BundleStore
 from router.serving.config import ServeSettings
+from router.serving.feedback import FeedbackService
+from router.serving.feedback_store import open_store
 from router.serving.grpc_api import RouterServicer
 from router.serving.interceptors import BearerToken, ErrorsAndMetrics
 from router.serving.ledger import open_ledger
@@ -62,8 +64,25 @@ class RouterServer:
         self.ledger = (
             open_ledger(settings.budgets, settings.spend_store, self.metrics) if settings.budgets else None
         )
+        self.feedback = (
+            FeedbackService(
+                open_store(settings.feedback_store),
+                self.metrics,
+                self.store.online,
+                retention_s=settings.feedback_retention_s,
+            )
+            if settings.feedback_store
+            else None
+        )
         self.service = RouterService(
-            self.store, self.limits, self.metrics, ledger=self.ledger, log_prompts=settings.log_prompts
+            self.store,
+            self.limits,
+            self.metrics,
+            ledger=self.ledger,
+            feedback=self.feedback,
+            explore=settings.explore,
+            store_prompts=settings.store_prompts,
+            log_prompts=settings.log_prompts,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -127,6 +146,8 @@ class RouterServer:
 
         started = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, self.store.load_initial)
+        if self.feedback is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.feedback.start)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING (bundle loaded and warm in %.2f s)", time.perf_counter() - started)

@@ -9,18 +9,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from router.core.engine import Engine
-from router.core.errors import DeadlineExceeded, NotReady, Overloaded, RouterError
+from router.core.engine import Engine, Routed
+from router.core.errors import DeadlineExceeded, FeedbackDisabled, NotReady, Overloaded, RouterError
 from router.core.manifest import ModelSpec, PresetSpec
-from router.core.policy import Preferences
+from router.core.policy import Decision, Preferences, explore
 from router.serving.batching import MicroBatcher
 from router.serving.budgets import tenant_of
 from router.serving.bundle_store import BundleStore
+from router.serving.feedback import FeedbackQuery, FeedbackService
+from router.serving.feedback_store import DecisionRecord
 from router.serving.ledger import Ledger
 from router.serving.metrics import Metrics
 from router.serving.requests import Limits, RouteQuery, RouteResult, validate
@@ -67,13 +71,20 @@ class RouterService:
         metrics: Metrics,
         *,
         ledger: Ledger | None = None,
+        feedback: FeedbackService | None = None,
+        explore: float = 0.0,
+        store_prompts: bool = False,
         log_prompts: bool = False,
     ) -> None:
         self.store = store
         self.limits = limits
         self.metrics = metrics
         self.ledger = ledger
+        self.feedback = feedback
+        self.explore = explore
+        self.store_prompts = store_prompts
         self.log_prompts = log_prompts
+        self._random = random.Random()  # exploration draws; their propensity is logged
         self._in_flight = 0
         self._accepting = True
         self._idle = asyncio.Event()
@@ -132,6 +143,7 @@ class RouterService:
             m.stage_seconds.labels(stage="queue").observe(started - job.submitted)
         m.batch_size.observe(len(jobs))
         results: list[RouteResult | BaseException] = [None] * len(jobs)  # type: ignore[list-item]
+        records: list[DecisionRecord] = []
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(id(job.engine), []).append(i)
@@ -144,6 +156,7 @@ class RouterService:
             input_tokens = routed.estimates.input_tokens.tolist()
             for row, (i, decision) in enumerate(zip(idx, routed.decisions, strict=True)):
                 job = jobs[i]
+                propensity = 1.0
                 if self.ledger is not None and self.ledger.budget(job.tenant) is not None:
                     try:
                         decision = self.ledger.decide(
@@ -152,11 +165,54 @@ class RouterService:
                     except RouterError as exc:  # this call only (a cap refusal)
                         results[i] = exc
                         continue
-                results[i] = RouteResult(decision, engine.version, int(input_tokens[row]))
+                if self.explore > 0:
+                    decision, propensity = explore(
+                        decision, self.explore, self._random.random(), self._random.random()
+                    )
+                decision_id = uuid.uuid4().hex
+                results[i] = RouteResult(decision, engine.version, int(input_tokens[row]), decision_id)
                 m.record_decision(decision.model, decision.chosen.estimate.cost_usd)
+                if self.feedback is not None:
+                    records.append(self._record(decision_id, job, engine, routed, row, decision, propensity))
         if self.ledger is not None:
             self.ledger.flush()  # before the answers leave: what was decided on is on disk
+        if self.feedback is not None:
+            self.feedback.record(records)  # written off this thread, in the background
         return results  # type: ignore[return-value]
+
+    def _record(
+        self,
+        decision_id: str,
+        job: _Job,
+        engine: Engine,
+        routed: Routed,
+        row: int,
+        decision: Decision,
+        propensity: float,
+    ) -> DecisionRecord:
+        est = routed.estimates
+        return DecisionRecord(
+            id=decision_id,
+            created_at=time.time(),
+            tenant=job.tenant,
+            bundle_version=engine.version,
+            model=decision.model,
+            cost_weight=decision.cost_weight,
+            propensity=propensity,
+            models=est.models,
+            quality=est.quality[row],
+            cost_usd=est.cost_usd[row],
+            output_tokens=est.output_tokens[row],
+            input_tokens=int(est.input_tokens[row]),
+            features=routed.features.features[row],
+            prompt=job.prompt if self.store_prompts else None,
+        )
+
+    async def report(self, query: FeedbackQuery) -> tuple[bool, str]:
+        """Records an outcome (Feedback); the store's work runs off the event loop."""
+        if self.feedback is None:
+            raise FeedbackDisabled("feedback is off: start router serve with --feedback-store URL")
+        return await asyncio.get_running_loop().run_in_executor(None, self.feedback.report, query)
 
     # -- what it reports -------------------------------------------------------------------
 
@@ -199,3 +255,5 @@ class RouterService:
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self.ledger is not None:
             self.ledger.close()
+        if self.feedback is not None:
+            self.feedback.close()

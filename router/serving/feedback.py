@@ -1,0 +1,212 @@
+"""Outcome feedback: decisions recorded off the request path, outcomes on disk before they are
+acknowledged, and the online memory kept in step with the store.
+
+- Decisions wait in a bounded queue (MAX_PENDING) that a writer thread empties into the store
+  every FLUSH_S; Route never waits for the store. If the store is down the queue holds what it can
+  and then drops the oldest decisions (counted): feedback for those gets NOT_FOUND.
+- An outcome is written and committed before its Feedback call is answered. Repeats of a
+  (decision, model) pair replace nothing and say so. A decision older than the retention is
+  expired (NOT_FOUND) and purged from the store.
+- A sync thread reads the outcomes that reached the store since it last looked (from any replica
+  sharing it) every SYNC_S, and adds them to the online memory (router/core/online.py) that the
+  engine consults: an outcome moves the estimates within seconds, on every replica.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.core.errors import InvalidRequest, NotFound, StoreUnavailable
+from router.core.online import OnlineMemory
+from router.serving.feedback_store import DecisionRecord, Outcome, SqlStore, StoreError
+from router.serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 10_000
+FLUSH_S = 0.05
+SYNC_S = 1.0
+SYNC_BATCH = 5_000
+PURGE_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackQuery:
+    decision_id: str
+    model: str
+    score: float | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: float | None
+
+
+def _check(query: FeedbackQuery) -> None:
+    if not query.decision_id or len(query.decision_id) > 64:
+        raise InvalidRequest("decision_id", "must be the decision_id of a RouteResponse")
+    if query.score is None:
+        raise InvalidRequest("score", "is required: a number in [0, 1]")
+    if not math.isfinite(query.score) or not 0.0 <= query.score <= 1.0:
+        raise InvalidRequest("score", f"must be a number in [0, 1], got {query.score}")
+    for name in ("input_tokens", "output_tokens"):
+        value = getattr(query, name)
+        if value is not None and value < 0:
+            raise InvalidRequest(name, f"must not be negative, got {value}")
+    if query.cost_usd is not None and (not math.isfinite(query.cost_usd) or query.cost_usd < 0):
+        raise InvalidRequest("cost_usd", f"must be a non-negative number, got {query.cost_usd}")
+
+
+class FeedbackService:
+    def __init__(
+        self, store: SqlStore, metrics: Metrics, memory: OnlineMemory, *, retention_s: float
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.memory = memory
+        self.retention_s = retention_s
+        self._pending: collections.deque[DecisionRecord] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._cursor = 0
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._loop, args=(FLUSH_S, self.flush), name="feedback-writer", daemon=True
+            ),
+            threading.Thread(target=self._loop, args=(SYNC_S, self.sync), name="feedback-sync", daemon=True),
+            threading.Thread(
+                target=self._loop, args=(PURGE_S, self.purge), name="feedback-purge", daemon=True
+            ),
+        ]
+
+    def start(self) -> None:
+        self.sync()  # what the store already holds, before serving
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self, every_s: float, work: object) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                work()  # type: ignore[operator]
+            except Exception:  # a thread that dies would stop learning silently
+                log.exception("feedback %s failed", getattr(work, "__name__", work))
+
+    # -- decisions (engine thread) ---------------------------------------------------------------
+
+    def record(self, records: list[DecisionRecord]) -> None:
+        with self._pending_lock:
+            self._pending.extend(records)
+            dropped = len(self._pending) - MAX_PENDING
+            for _ in range(max(dropped, 0)):
+                self._pending.popleft()
+        if dropped > 0:
+            self.metrics.feedback_dropped.inc(dropped)
+
+    def flush(self) -> None:
+        """Writes the waiting decisions; on a store error they wait for the next try."""
+        with self._write_lock:
+            with self._pending_lock:
+                batch = list(self._pending)
+            if not batch:
+                return
+            started = time.perf_counter()
+            try:
+                self.store.record(batch)
+            except StoreError as exc:
+                self.metrics.feedback_store_errors.labels(op="record").inc()
+                log.warning("feedback store: %d decisions wait to be written: %s", len(batch), exc)
+                return
+            self.metrics.feedback_store_seconds.labels(op="record").observe(time.perf_counter() - started)
+            with self._pending_lock:
+                for _ in range(min(len(batch), len(self._pending))):
+                    self._pending.popleft()
+            self.metrics.decisions_logged.inc(len(batch))
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    def report(self, query: FeedbackQuery) -> tuple[bool, str]:
+        """(recorded, message) once the outcome is committed; raises the error the caller sees."""
+        try:
+            _check(query)
+        except InvalidRequest:
+            self.metrics.feedback_outcomes.labels(result="invalid").inc()
+            raise
+        started = time.perf_counter()
+        try:
+            self.flush()  # a decision still waiting in the queue must be found
+            decision = self.store.decision(query.decision_id)
+            if decision is None or decision.created_at < time.time() - self.retention_s:
+                self.metrics.feedback_outcomes.labels(result="not_found").inc()
+                what = "unknown" if decision is None else "expired"
+                raise NotFound(f"decision_id: {what} decision {query.decision_id[:64]!r}")
+            model = query.model or decision.model
+            if model not in decision.models:
+                self.metrics.feedback_outcomes.labels(result="invalid").inc()
+                raise InvalidRequest("model", f"{model[:128]!r} was not a candidate of this decision")
+            assert query.score is not None  # checked above
+            recorded = self.store.add_outcome(
+                Outcome(
+                    query.decision_id,
+                    model,
+                    query.score,
+                    query.input_tokens,
+                    query.output_tokens,
+                    query.cost_usd,
+                    time.time(),
+                )
+            )
+        except StoreError as exc:
+            self.metrics.feedback_store_errors.labels(op="outcome").inc()
+            raise StoreUnavailable(f"the feedback store is unavailable: {exc}") from exc
+        self.metrics.feedback_store_seconds.labels(op="outcome").observe(time.perf_counter() - started)
+        self.metrics.feedback_outcomes.labels(result="recorded" if recorded else "duplicate").inc()
+        if recorded:
+            return True, f"recorded the outcome of {model} for decision {query.decision_id}"
+        return False, f"an outcome of {model} for decision {query.decision_id} was already recorded; kept it"
+
+    # -- learning ----------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Adds the outcomes the store received since the last look (any replica's) to the memory."""
+        while True:
+            started = time.perf_counter()
+            try:
+                learned = self.store.outcomes_since(self._cursor, SYNC_BATCH)
+            except StoreError as exc:
+                self.metrics.feedback_store_errors.labels(op="sync").inc()
+                log.warning("feedback store: cannot read new outcomes: %s", exc)
+                return
+            self.metrics.feedback_store_seconds.labels(op="sync").observe(time.perf_counter() - started)
+            if not learned:
+                return
+            self.memory.add(
+                np.vstack([o.features[None, :] for o in learned]),
+                [o.model for o in learned],
+                [o.score for o in learned],
+                [o.output_tokens for o in learned],
+            )
+            self._cursor = learned[-1].seq
+            self.metrics.online_memory.set(len(self.memory))
+            if len(learned) < SYNC_BATCH:
+                return
+
+    def purge(self) -> None:
+        try:
+            self.store.purge(time.time() - self.retention_s)
+        except StoreError as exc:
+            self.metrics.feedback_store_errors.labels(op="purge").inc()
+            log.warning("feedback store: purge failed: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=5)
+        self.flush()
+        self.store.close()

@@ -1,0 +1,311 @@
+"""The durable feedback store: every decision when it is made, every outcome reported for one.
+
+`router serve --feedback-store URL`: `sqlite:///PATH` (the embedded default: WAL, one server) or
+`postgresql://USER@HOST:PORT/DB` (several replicas sharing one store; psycopg 3 with a connection
+pool). Two tables:
+
+- decisions: id, time, tenant, bundle version, chosen model, applied w, exploration propensity,
+  every model's estimates, and the prompt's head features (the embedding and the extras, float32):
+  what the router needs to learn from the decision without the text, which is kept only with
+  `--store-prompts`;
+- outcomes: (decision id, model) unique, score, token counts and cost where reported, a sequence
+  number that replicas follow to pick up each other's outcomes.
+
+Writes of decisions are batched by the caller (router/serving/feedback.py); an outcome is
+committed before the call that reported it is answered.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused a write."""
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    id: str
+    created_at: float
+    tenant: str
+    bundle_version: str
+    model: str
+    cost_weight: float
+    propensity: float  # probability the decision had of choosing `model` (1 - explore + ... )
+    models: tuple[str, ...]
+    quality: np.ndarray  # per model
+    cost_usd: np.ndarray
+    output_tokens: np.ndarray
+    input_tokens: int
+    features: np.ndarray  # float32, the head features (embedding first)
+    prompt: str | None
+
+
+@dataclass(frozen=True)
+class StoredDecision:
+    id: str
+    created_at: float
+    model: str
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    decision_id: str
+    model: str
+    score: float
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: float | None
+    received_at: float
+
+
+@dataclass(frozen=True)
+class LearnedOutcome:
+    """An outcome with what the online memory needs of its decision."""
+
+    seq: int
+    model: str
+    score: float
+    output_tokens: float  # NaN where not reported
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    decision: DecisionRecord
+    outcomes: list[Outcome]
+
+
+def _floats(values: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(values, dtype=dtype).tobytes()
+
+
+class SqlStore:
+    """The queries, shared by both databases; subclasses give the connection and the dialect."""
+
+    MARK = "?"
+    SERIAL = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    BLOB = "BLOB"
+
+    def schema(self) -> list[str]:
+        real, blob = "DOUBLE PRECISION", self.BLOB
+        decisions = [
+            "id TEXT PRIMARY KEY", f"created_at {real} NOT NULL", "tenant TEXT NOT NULL",
+            "bundle_version TEXT NOT NULL", "model TEXT NOT NULL", f"cost_weight {real} NOT NULL",
+            f"propensity {real} NOT NULL", "models TEXT NOT NULL", f"quality {blob} NOT NULL",
+            f"cost_usd {blob} NOT NULL", f"output_tokens {blob} NOT NULL", "input_tokens BIGINT NOT NULL",
+            f"features {blob} NOT NULL", "prompt TEXT",
+        ]  # fmt: skip
+        outcomes = [
+            f"seq {self.SERIAL}", "decision_id TEXT NOT NULL", "model TEXT NOT NULL",
+            f"score {real} NOT NULL", "input_tokens BIGINT", "output_tokens BIGINT", f"cost_usd {real}",
+            f"received_at {real} NOT NULL", "UNIQUE (decision_id, model)",
+        ]  # fmt: skip
+        return [
+            f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(decisions)})",
+            "CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created_at)",
+            f"CREATE TABLE IF NOT EXISTS outcomes ({', '.join(outcomes)})",
+        ]
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:  # pragma: no cover - each store has its own
+        raise NotImplementedError
+        yield
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", self.MARK)
+
+    def record(self, decisions: Sequence[DecisionRecord]) -> None:
+        rows = [
+            (d.id, d.created_at, d.tenant, d.bundle_version, d.model, d.cost_weight, d.propensity,
+             json.dumps(list(d.models)), _floats(d.quality, "<f4"), _floats(d.cost_usd, "<f8"),
+             _floats(d.output_tokens, "<f4"), d.input_tokens, _floats(d.features, "<f4"), d.prompt)
+            for d in decisions
+        ]  # fmt: skip
+        with self.transaction() as cur:
+            cur.executemany(
+                self._q(f"INSERT INTO decisions VALUES ({', '.join('?' * 14)}) ON CONFLICT DO NOTHING"),
+                rows,
+            )
+
+    def decision(self, decision_id: str) -> StoredDecision | None:
+        with self.transaction() as cur:
+            cur.execute(
+                self._q("SELECT id, created_at, model, models FROM decisions WHERE id = ?"), (decision_id,)
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return StoredDecision(row[0], float(row[1]), row[2], tuple(json.loads(row[3])))
+
+    def add_outcome(self, o: Outcome) -> bool:
+        """True if recorded; False if (decision_id, model) already had one (nothing replaced)."""
+        with self.transaction() as cur:
+            cur.execute(
+                self._q(
+                    "INSERT INTO outcomes (decision_id, model, score, input_tokens, output_tokens, cost_usd, "
+                    "received_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                ),
+                (o.decision_id, o.model, o.score, o.input_tokens, o.output_tokens, o.cost_usd, o.received_at),
+            )
+            return bool(cur.rowcount == 1)
+
+    def outcomes_since(self, seq: int, limit: int) -> list[LearnedOutcome]:
+        with self.transaction() as cur:
+            cur.execute(
+                self._q(
+                    "SELECT o.seq, o.model, o.score, o.output_tokens, d.features FROM outcomes o "
+                    "JOIN decisions d ON d.id = o.decision_id WHERE o.seq > ? ORDER BY o.seq LIMIT ?"
+                ),
+                (seq, limit),
+            )
+            rows = cur.fetchall()
+        return [
+            LearnedOutcome(
+                int(s), m, float(score), np.nan if tokens is None else float(tokens),
+                np.frombuffer(bytes(features), dtype="<f4").astype(np.float32),
+            )
+            for s, m, score, tokens, features in rows
+        ]  # fmt: skip
+
+    def purge(self, before: float) -> int:
+        """Deletes decisions made before `before` (Unix time), and their outcomes."""
+        with self.transaction() as cur:
+            cur.execute(
+                self._q(
+                    "DELETE FROM outcomes WHERE decision_id IN "
+                    "(SELECT id FROM decisions WHERE created_at < ?)"
+                ),
+                (before,),
+            )
+            cur.execute(self._q("DELETE FROM decisions WHERE created_at < ?"), (before,))
+            return int(cur.rowcount)
+
+    def export(self) -> Iterator[ExportRow]:
+        """Every decision that has outcomes, with them."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT d.id, d.created_at, d.tenant, d.bundle_version, d.model, d.cost_weight, "
+                "d.propensity, d.models, d.quality, d.cost_usd, d.output_tokens, d.input_tokens, "
+                "d.features, d.prompt, "
+                "o.model, o.score, o.input_tokens, o.output_tokens, o.cost_usd, o.received_at "
+                "FROM decisions d JOIN outcomes o ON o.decision_id = d.id ORDER BY d.id, o.model"
+            )
+            rows = cur.fetchall()
+        current: ExportRow | None = None
+        for r in rows:
+            if current is None or current.decision.id != r[0]:
+                if current is not None:
+                    yield current
+                decision = DecisionRecord(
+                    r[0], float(r[1]), r[2], r[3], r[4], float(r[5]), float(r[6]), tuple(json.loads(r[7])),
+                    np.frombuffer(bytes(r[8]), "<f4"), np.frombuffer(bytes(r[9]), "<f8"),
+                    np.frombuffer(bytes(r[10]), "<f4"), int(r[11]), np.frombuffer(bytes(r[12]), "<f4"), r[13],
+                )  # fmt: skip
+                current = ExportRow(decision, [])
+            current.outcomes.append(Outcome(r[0], r[14], float(r[15]), r[16], r[17], r[18], float(r[19])))
+        if current is not None:
+            yield current
+
+    def close(self) -> None:  # pragma: no cover - each store has its own
+        raise NotImplementedError
+
+
+class SqliteStore(SqlStore):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # An outcome is acknowledged only after its transaction commits; FULL makes that commit
+        # survive a power loss too, not only a killed process (outcomes are few, this is cheap).
+        self._db.execute("PRAGMA synchronous=FULL")
+        for statement in self.schema():
+            self._db.execute(statement)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._lock:
+            cur = self._db.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                cur.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"sqlite {self.path}: {exc}") from exc
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class PostgresStore(SqlStore):
+    MARK = "%s"
+    SERIAL = "BIGSERIAL PRIMARY KEY"
+    BLOB = "BYTEA"
+
+    def __init__(self, url: str) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        try:
+            self._pool = ConnectionPool(url, min_size=1, max_size=4, open=True, timeout=10)
+            with self.transaction() as cur:
+                for statement in self.schema():
+                    cur.execute(statement)
+        except StoreError:
+            raise
+        except Exception as exc:  # psycopg raises its own types for an unreachable server
+            raise StoreError(f"postgresql: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        import psycopg
+
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(f"postgresql: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("psycopg"):
+                raise StoreError(f"postgresql: {exc}") from exc
+            raise
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_store(url: str) -> SqlStore:
+    """A store from `sqlite:///PATH` or `postgresql://...`; StoreError if it cannot be opened."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite://") :]  # sqlite:///var/lib/x.sqlite: absolute; sqlite://x.sqlite: relative
+        if not path.strip("/"):
+            raise StoreError(f"{url}: give a file, as sqlite:///path/to/feedback.sqlite")
+        try:
+            return SqliteStore(Path(path))
+        except sqlite3.Error as exc:
+            raise StoreError(f"{url}: {exc}") from exc
+    if parsed.scheme in ("postgresql", "postgres"):
+        return PostgresStore(url)
+    raise StoreError(f"{url}: the feedback store must be sqlite:///PATH or postgresql://...")

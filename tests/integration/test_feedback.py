@@ -1,0 +1,164 @@
+"""Outcome feedback through the real server with a real SQLite store on disk: decision ids, the
+Feedback RPC and its errors, idempotence, online updates, exploration, and durability under
+SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.v1 import router_pb2
+from tests.helpers import router_stub, running_server, serve_command
+from training.bench import _free_port, wait_serving
+
+PROMPT = "Which planet has the longest day in the solar system?"
+OTHERS = [
+    "What is the boiling point of ethanol at sea level?",
+    "Name the largest desert on Earth.",
+    "Who wrote the novel Middlemarch?",
+]
+
+
+def _feedback(stub, decision_id: str, score: float | None, **fields) -> router_pb2.FeedbackResponse:
+    request = router_pb2.FeedbackRequest(decision_id=decision_id, **fields)
+    if score is not None:
+        request.score = score
+    return stub.Feedback(request, timeout=30)
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_feedback_is_recorded_once_and_bad_feedback_is_refused(small_bundle: Path, tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'feedback.sqlite'}"
+    with running_server(bundle=small_bundle, feedback_store=store) as srv, router_stub(srv.address) as stub:
+        routed = [stub.Route(router_pb2.RouteRequest(prompt=p), timeout=30) for p in [PROMPT, *OTHERS]]
+        ids = [r.decision_id for r in routed]
+        assert len(set(ids)) == len(ids) and all(len(i) == 32 for i in ids)
+        first = _feedback(stub, ids[0], 0.9, output_tokens=120, cost_usd=0.0004)
+        assert first.recorded and routed[0].model in first.message
+        again = _feedback(stub, ids[0], 0.1)
+        assert not again.recorded and "already recorded" in again.message
+        other_model = next(e.model for e in routed[0].estimates if e.model != routed[0].model)
+        assert _feedback(stub, ids[0], 0.2, model=other_model).recorded
+        cases = [
+            (lambda: _feedback(stub, "f" * 32, 0.5), grpc.StatusCode.NOT_FOUND),
+            (lambda: _feedback(stub, ids[1], 1.5), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: _feedback(stub, ids[1], None), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: _feedback(stub, ids[1], 0.5, model="gpt-9"), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: _feedback(stub, ids[1], 0.5, output_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: _feedback(stub, "", 0.5), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for call, code in cases:
+            assert _code(call) == code
+        with pytest.raises(grpc.RpcError) as info:
+            _feedback(stub, ids[1], 2.0)
+        assert info.value.details().startswith("score:")
+    with sqlite3.connect(tmp_path / "feedback.sqlite") as db:
+        decisions = db.execute(
+            "SELECT id, model, propensity, prompt, length(features) FROM decisions"
+        ).fetchall()
+        outcomes = db.execute(
+            "SELECT decision_id, model, score, output_tokens, cost_usd FROM outcomes"
+        ).fetchall()
+    assert {d[0] for d in decisions} == set(ids)
+    assert all(d[2] == 1.0 and d[3] is None and d[4] == 390 * 4 for d in decisions), (
+        "no prompt text by default"
+    )
+    assert sorted(outcomes) == sorted(
+        [(ids[0], routed[0].model, 0.9, 120, 0.0004), (ids[0], other_model, 0.2, None, None)]
+    )
+
+
+def test_feedback_without_a_store_is_refused(server) -> None:
+    with router_stub(server.address) as stub:
+        routed = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30)
+        assert routed.decision_id
+        assert _code(lambda: _feedback(stub, routed.decision_id, 0.5)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_outcome_moves_the_estimates_within_seconds(small_bundle: Path, tmp_path: Path) -> None:
+    store = f"sqlite://{tmp_path / 'feedback.sqlite'}"
+    with running_server(bundle=small_bundle, feedback_store=store) as srv, router_stub(srv.address) as stub:
+        before = stub.Route(router_pb2.RouteRequest(prompt=PROMPT, cost_weight=0.0), timeout=30)
+        quality = {e.model: e.quality for e in before.estimates}
+        worst = min(quality, key=quality.__getitem__)
+        # the chosen model failed on it, the weakest one got it right
+        _feedback(stub, before.decision_id, 0.0)
+        _feedback(stub, before.decision_id, 1.0, model=worst)
+        deadline = time.monotonic() + 10
+        while True:
+            after = stub.Route(router_pb2.RouteRequest(prompt=PROMPT, cost_weight=0.0), timeout=30)
+            moved = {e.model: e.quality for e in after.estimates}
+            if moved[before.model] < quality[before.model] and moved[worst] > quality[worst]:
+                break
+            assert time.monotonic() < deadline, "the outcomes never reached the estimates"
+            time.sleep(0.2)
+        untouched = [m for m in quality if m not in (before.model, worst)]
+        assert all(moved[m] == quality[m] for m in untouched), "only models with outcomes move"
+        assert srv.server.metrics.online_memory._value.get() == 2
+
+
+def test_exploration_draws_from_the_eligible_models_and_logs_its_propensity(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "feedback.sqlite"
+    settings = {"feedback_store": f"sqlite://{path}", "explore": 1.0, "store_prompts": True}
+    with running_server(bundle=small_bundle, **settings) as srv, router_stub(srv.address) as stub:
+        allowed = ["gemma-7b", "Yi-6B", "Phi-3-mini-4k-instruct"]
+        chosen = set()
+        for _ in range(40):
+            r = stub.Route(router_pb2.RouteRequest(prompt=PROMPT, allowed_models=allowed), timeout=30)
+            assert r.model in allowed and r.reason.startswith("exploration:")
+            chosen.add(r.model)
+        assert chosen == set(allowed)
+        srv.call(_settle())
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT propensity, prompt FROM decisions").fetchall()
+    assert len(rows) == 40 and all(p == pytest.approx(1 / 3) and text == PROMPT for p, text in rows)
+
+
+async def _settle() -> None:
+    """Lets the background writer pass once more."""
+    import asyncio
+
+    await asyncio.sleep(0.3)
+
+
+def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, tmp_path: Path) -> None:
+    path = tmp_path / "feedback.sqlite"
+    port = _free_port()
+    command = serve_command(
+        [sys.executable, "-m", "router.cli"],
+        small_bundle,
+        port=port,
+        extra=("--feedback-store", f"sqlite://{path}"),
+    )
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    acknowledged = []
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
+        with router_stub(address) as stub:
+            for i in range(30):
+                r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} ({i})"), timeout=30)
+                if _feedback(stub, r.decision_id, (i % 10) / 10).recorded:
+                    acknowledged.append((r.decision_id, (i % 10) / 10))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with sqlite3.connect(path) as db:
+        stored = set(db.execute("SELECT decision_id, score FROM outcomes").fetchall())
+    assert len(acknowledged) == 30 and stored == set(acknowledged)
