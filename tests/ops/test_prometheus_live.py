@@ -139,6 +139,9 @@ def _drive_traffic(address: str) -> tuple[int, int]:
         ]
         for call in calls:
             assert call.result().model
+        for call in calls[:: len(COST_WEIGHTS)]:  # outcome feedback for some of them
+            request = router_pb2.FeedbackRequest(decision_id=call.result().decision_id, score=0.5)
+            assert stub.Feedback(request, timeout=10).recorded
         for request in INVALID_REQUESTS:
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Route(request, timeout=10)
@@ -154,9 +157,11 @@ def _prime(address: str) -> tuple[int, int]:
         stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0]), timeout=60)
         for tenant in TENANTS:
             stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], tenant=tenant), timeout=60)
+        first = stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[1]), timeout=60)
+        stub.Feedback(router_pb2.FeedbackRequest(decision_id=first.decision_id, score=1.0), timeout=10)
         with pytest.raises(grpc.RpcError):
             stub.Route(INVALID_REQUESTS[0], timeout=10)
-    return 2 + len(TENANTS), 1
+    return 3 + len(TENANTS), 1
 
 
 def _refuse_a_bundle(server: ServerThread, link: Path, workdir: Path) -> None:
@@ -178,7 +183,12 @@ def observed(small_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     link.symlink_to(small_bundle, target_is_directory=True)
     budgets = workdir / "budgets.yaml"
     budgets.write_text(BUDGETS)
-    settings = {"budgets": budgets, "spend_store": workdir / "spend.sqlite", "bundle_poll_s": 0.2}
+    settings = {
+        "budgets": budgets,
+        "spend_store": workdir / "spend.sqlite",
+        "feedback_store": f"sqlite://{workdir / 'feedback.sqlite'}",
+        "bundle_poll_s": 0.2,
+    }
     with running_server(bundle=link, **settings) as server:
         config = _write_config(workdir, server.server.metrics_port)
         with run_prometheus(config, workdir) as prometheus:
