@@ -8,7 +8,7 @@ BUNDLE ?= bundles/default
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: run setup bundle serve test lint typecheck bench clean prometheus container-tools
+.PHONY: run setup bundle serve test lint typecheck bench clean prometheus postgresql container-tools
 
 run: setup $(BUNDLE)/manifest.json  ## set up, build the default bundle if missing, serve it
 	@echo "Serving $(BUNDLE) on :$(PORT) (metrics on :$(METRICS_PORT)). In another shell, try:"
@@ -40,12 +40,17 @@ prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
+# The feedback tests run a real PostgreSQL server.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
 # The container tests build and run the real image with podman (docs/OPERATIONS.md).
 container-tools:
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; }
 
-test: setup prometheus container-tools lint typecheck  ## lint, format and type checks, then the whole suite
+test: setup prometheus postgresql container-tools lint typecheck  ## lint, format and type checks, then the whole suite
 	$(BIN)/python -m pytest
 
 lint:
