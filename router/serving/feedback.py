@@ -4,8 +4,10 @@ acknowledged, and the online memory kept in step with the store.
 - Decisions wait in a bounded queue (MAX_PENDING) that a writer thread empties into the store
   every FLUSH_S; Route never waits for the store. If the store is down the queue holds what it can
   and then drops the oldest decisions (counted): feedback for those gets NOT_FOUND.
-- An outcome is written and committed before its Feedback call is answered. Repeats of a
-  (decision, model) pair replace nothing and say so. A decision older than the retention is
+- An outcome is written and committed before its Feedback call is answered; outcomes reported at
+  the same time share one commit (a committer thread), so a store that syncs every commit to disk
+  still takes thousands of outcomes a second. Repeats of a (decision, model) pair replace nothing
+  and say so. A decision older than the retention is
   expired (NOT_FOUND) and purged from the store.
 - A sync thread reads the outcomes that reached the store since it last looked (from any replica
   sharing it) every SYNC_S, and adds them to the online memory (router/core/online.py) that the
@@ -17,8 +19,10 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +38,8 @@ MAX_PENDING = 10_000
 FLUSH_S = 0.05
 SYNC_S = 1.0
 SYNC_BATCH = 5_000
+# Outcomes committed together at most (they all wait for the one commit).
+COMMIT_BATCH = 256
 PURGE_S = 3600.0
 
 
@@ -75,15 +81,13 @@ class FeedbackService:
         self._write_lock = threading.Lock()
         self._cursor = 0
         self._stop = threading.Event()
+        self._reports: queue.Queue[tuple[FeedbackQuery, Future[tuple[bool, str]]]] = queue.Queue()
+        loops = (("writer", FLUSH_S, self.flush), ("sync", SYNC_S, self.sync), ("purge", PURGE_S, self.purge))
         self._threads = [
-            threading.Thread(
-                target=self._loop, args=(FLUSH_S, self.flush), name="feedback-writer", daemon=True
-            ),
-            threading.Thread(target=self._loop, args=(SYNC_S, self.sync), name="feedback-sync", daemon=True),
-            threading.Thread(
-                target=self._loop, args=(PURGE_S, self.purge), name="feedback-purge", daemon=True
-            ),
+            threading.Thread(target=self._loop, args=(every, work), name=f"feedback-{name}", daemon=True)
+            for name, every, work in loops
         ]
+        self._threads.append(threading.Thread(target=self._commit_loop, name="feedback-commit", daemon=True))
 
     def start(self) -> None:
         self.sync()  # what the store already holds, before serving
@@ -130,45 +134,86 @@ class FeedbackService:
 
     # -- outcomes ----------------------------------------------------------------------------------
 
-    def report(self, query: FeedbackQuery) -> tuple[bool, str]:
-        """(recorded, message) once the outcome is committed; raises the error the caller sees."""
+    def submit(self, query: FeedbackQuery) -> Future[tuple[bool, str]]:
+        """Queues an outcome; the future resolves to (recorded, message) once it is committed, or
+        to the error the caller sees. Outcomes queued together share one commit."""
+        future: Future[tuple[bool, str]] = Future()
         try:
             _check(query)
-        except InvalidRequest:
+        except InvalidRequest as exc:
             self.metrics.feedback_outcomes.labels(result="invalid").inc()
-            raise
+            future.set_exception(exc)
+            return future
+        self._reports.put((query, future))
+        return future
+
+    def _commit_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._reports.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < COMMIT_BATCH:
+                try:
+                    batch.append(self._reports.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._commit(batch)
+            except Exception as exc:  # never leave a caller waiting
+                log.exception("feedback commit failed")
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StoreUnavailable(f"the feedback store failed: {exc}"))
+
+    def _commit(self, batch: list[tuple[FeedbackQuery, Future[tuple[bool, str]]]]) -> None:
         started = time.perf_counter()
         try:
-            self.flush()  # a decision still waiting in the queue must be found
-            decision = self.store.decision(query.decision_id)
-            if decision is None or decision.created_at < time.time() - self.retention_s:
-                self.metrics.feedback_outcomes.labels(result="not_found").inc()
-                what = "unknown" if decision is None else "expired"
-                raise NotFound(f"decision_id: {what} decision {query.decision_id[:64]!r}")
-            model = query.model or decision.model
-            if model not in decision.models:
-                self.metrics.feedback_outcomes.labels(result="invalid").inc()
-                raise InvalidRequest("model", f"{model[:128]!r} was not a candidate of this decision")
-            assert query.score is not None  # checked above
-            recorded = self.store.add_outcome(
-                Outcome(
+            self.flush()  # decisions still waiting in the queue must be found
+            found = self.store.decisions(sorted({q.decision_id for q, _ in batch}))
+            now = time.time()
+            writes: list[tuple[Outcome, Future[tuple[bool, str]]]] = []
+            for query, future in batch:
+                decision = found.get(query.decision_id)
+                if decision is None or decision.created_at < now - self.retention_s:
+                    self.metrics.feedback_outcomes.labels(result="not_found").inc()
+                    what = "unknown" if decision is None else "expired"
+                    future.set_exception(NotFound(f"decision_id: {what} decision {query.decision_id[:64]!r}"))
+                    continue
+                model = query.model or decision.model
+                if model not in decision.models:
+                    self.metrics.feedback_outcomes.labels(result="invalid").inc()
+                    future.set_exception(
+                        InvalidRequest("model", f"{model[:128]!r} was not a candidate of this decision")
+                    )
+                    continue
+                assert query.score is not None  # checked when submitted
+                outcome = Outcome(
                     query.decision_id,
                     model,
                     query.score,
                     query.input_tokens,
                     query.output_tokens,
                     query.cost_usd,
-                    time.time(),
+                    now,
                 )
-            )
+                writes.append((outcome, future))
+            recorded = self.store.add_outcomes([o for o, _ in writes])
         except StoreError as exc:
             self.metrics.feedback_store_errors.labels(op="outcome").inc()
-            raise StoreUnavailable(f"the feedback store is unavailable: {exc}") from exc
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"the feedback store is unavailable: {exc}"))
+            return
         self.metrics.feedback_store_seconds.labels(op="outcome").observe(time.perf_counter() - started)
-        self.metrics.feedback_outcomes.labels(result="recorded" if recorded else "duplicate").inc()
-        if recorded:
-            return True, f"recorded the outcome of {model} for decision {query.decision_id}"
-        return False, f"an outcome of {model} for decision {query.decision_id} was already recorded; kept it"
+        for (outcome, future), new in zip(writes, recorded, strict=True):
+            self.metrics.feedback_outcomes.labels(result="recorded" if new else "duplicate").inc()
+            where = f"{outcome.model} for decision {outcome.decision_id}"
+            if new:
+                future.set_result((True, f"recorded the outcome of {where}"))
+            else:
+                future.set_result((False, f"an outcome of {where} was already recorded; kept it"))
 
     # -- learning ----------------------------------------------------------------------------------
 
@@ -186,6 +231,7 @@ class FeedbackService:
             if not learned:
                 return
             self.memory.add(
+                [o.decision_id for o in learned],
                 np.vstack([o.features[None, :] for o in learned]),
                 [o.model for o in learned],
                 [o.score for o in learned],

@@ -76,6 +76,7 @@ class LearnedOutcome:
     """An outcome with what the online memory needs of its decision."""
 
     seq: int
+    decision_id: str
     model: str
     score: float
     output_tokens: float  # NaN where not reported
@@ -140,44 +141,60 @@ class SqlStore:
                 rows,
             )
 
-    def decision(self, decision_id: str) -> StoredDecision | None:
+    def decisions(self, ids: Sequence[str]) -> dict[str, StoredDecision]:
+        """The stored decisions among `ids`."""
+        if not ids:
+            return {}
         with self.transaction() as cur:
+            marks = ", ".join("?" * len(ids))
             cur.execute(
-                self._q("SELECT id, created_at, model, models FROM decisions WHERE id = ?"), (decision_id,)
+                self._q(f"SELECT id, created_at, model, models FROM decisions WHERE id IN ({marks})"),
+                list(ids),
             )
-            row = cur.fetchone()
-        if row is None:
-            return None
-        return StoredDecision(row[0], float(row[1]), row[2], tuple(json.loads(row[3])))
+            rows = cur.fetchall()
+        return {r[0]: StoredDecision(r[0], float(r[1]), r[2], tuple(json.loads(r[3]))) for r in rows}
 
-    def add_outcome(self, o: Outcome) -> bool:
-        """True if recorded; False if (decision_id, model) already had one (nothing replaced)."""
+    def add_outcomes(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """In one transaction (one commit for many callers); per outcome, True if recorded, False if
+        its (decision_id, model) already had one (nothing replaced)."""
+        recorded = []
         with self.transaction() as cur:
-            cur.execute(
-                self._q(
-                    "INSERT INTO outcomes (decision_id, model, score, input_tokens, output_tokens, cost_usd, "
-                    "received_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
-                ),
-                (o.decision_id, o.model, o.score, o.input_tokens, o.output_tokens, o.cost_usd, o.received_at),
-            )
-            return bool(cur.rowcount == 1)
+            for o in outcomes:
+                cur.execute(
+                    self._q(
+                        "INSERT INTO outcomes (decision_id, model, score, input_tokens, output_tokens, "
+                        "cost_usd, received_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                    ),
+                    (
+                        o.decision_id,
+                        o.model,
+                        o.score,
+                        o.input_tokens,
+                        o.output_tokens,
+                        o.cost_usd,
+                        o.received_at,
+                    ),
+                )
+                recorded.append(cur.rowcount == 1)
+        return recorded
 
     def outcomes_since(self, seq: int, limit: int) -> list[LearnedOutcome]:
         with self.transaction() as cur:
             cur.execute(
                 self._q(
-                    "SELECT o.seq, o.model, o.score, o.output_tokens, d.features FROM outcomes o "
-                    "JOIN decisions d ON d.id = o.decision_id WHERE o.seq > ? ORDER BY o.seq LIMIT ?"
+                    "SELECT o.seq, o.decision_id, o.model, o.score, o.output_tokens, d.features "
+                    "FROM outcomes o JOIN decisions d ON d.id = o.decision_id "
+                    "WHERE o.seq > ? ORDER BY o.seq LIMIT ?"
                 ),
                 (seq, limit),
             )
             rows = cur.fetchall()
         return [
             LearnedOutcome(
-                int(s), m, float(score), np.nan if tokens is None else float(tokens),
+                int(s), d, m, float(score), np.nan if tokens is None else float(tokens),
                 np.frombuffer(bytes(features), dtype="<f4").astype(np.float32),
             )
-            for s, m, score, tokens, features in rows
+            for s, d, m, score, tokens, features in rows
         ]  # fmt: skip
 
     def purge(self, before: float) -> int:

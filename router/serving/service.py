@@ -212,7 +212,7 @@ class RouterService:
         """Records an outcome (Feedback); the store's work runs off the event loop."""
         if self.feedback is None:
             raise FeedbackDisabled("feedback is off: start router serve with --feedback-store URL")
-        return await asyncio.get_running_loop().run_in_executor(None, self.feedback.report, query)
+        return await asyncio.wrap_future(self.feedback.submit(query))
 
     # -- what it reports -------------------------------------------------------------------
 
