@@ -25,7 +25,9 @@ if _missing:
 def _train(args: argparse.Namespace) -> int:
     from training.pipeline import TrainConfig, train_bundle
 
-    config = TrainConfig(precision=args.precision, seed=args.seed, max_prompts=args.max_prompts)
+    config = TrainConfig(
+        precision=args.precision, seed=args.seed, max_prompts=args.max_prompts, feedback=args.feedback
+    )
     manifest = train_bundle(Path(args.data), Path(args.out), config)
     figures = manifest.training.validation_metrics
     print(f"bundle {manifest.bundle_version} written to {args.out}")
@@ -144,6 +146,14 @@ def _reprice(args: argparse.Namespace) -> int:
     return _changed(reprice(Path(args.bundle), Path(args.out), Path(args.prices)), args.out)
 
 
+def _feedback_export(args: argparse.Namespace) -> int:
+    from training.feedback_data import export_feedback
+
+    prompts, outcomes = export_feedback(args.store, Path(args.out))
+    print(f"wrote {prompts} prompts and {outcomes} outcomes from {args.store} to {args.out}")
+    return 0
+
+
 def register(sub: Any) -> tuple[type[Exception], ...]:
     """Adds the training commands to the `router` parser; returns the user-error types."""
     p = sub.add_parser("train", help="train a bundle on the train split of a routing table")
@@ -154,6 +164,9 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
         "--seed", type=int, default=0, help="seed of the validation carving (and of --max-prompts sampling)"
     )
     p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")
+    p.add_argument(
+        "--feedback", default=None, help="a feedback store URL whose outcomes join the training rows"
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser(
@@ -202,6 +215,13 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     p.add_argument("--soak", type=int, default=0, help="then this many calls at c=32, reporting RSS growth")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("feedback", help="logged decisions and outcomes (router serve --feedback-store)")
+    feedback_sub = p.add_subparsers(dest="feedback_command", required=True)
+    q = feedback_sub.add_parser("export", help="write the logged outcomes as a canonical routing table")
+    q.add_argument("--store", required=True, help="sqlite:///PATH or postgresql://...")
+    q.add_argument("--out", required=True, help="directory of the table")
+    q.set_defaults(func=_feedback_export)
 
     p = sub.add_parser("anchors", help="choose the prompts a new model should be scored on (add-model)")
     p.add_argument("--bundle", required=True)

@@ -29,6 +29,7 @@ from router.core.pricing import Prices, TokenEstimator
 from training.bundle_writer import BundleContents, write_bundle
 from training.embed_cache import EmbeddingCache
 from training.embedder_export import ExportedEmbedder, cached_export
+from training.feedback_data import FeedbackRows, load_feedback
 from training.heads_model import KIND, HeadsModel, HeadsParams
 from training.reference import CALIBRATION_PROMPTS, Reference, prompt_key
 from training.settings import TrainSettings
@@ -53,6 +54,8 @@ class TrainConfig:
     max_prompts: int | None = None
     # Models of the table left out (the leave-one-model-out benchmark trains without each in turn).
     exclude_models: tuple[str, ...] = ()
+    # A feedback store whose outcomes join the fitted rows (training/feedback_data.py).
+    feedback: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Encoded:
 @dataclass(frozen=True)
 class Prepared:
     targets: Targets
+    feedback: FeedbackRows | None
     token_estimator: TokenEstimator
     token_map: TokenEstimatorSpec  # the same map, with how well it fits, as the manifest records it
     prices: Prices
@@ -99,7 +103,7 @@ def encode(data: TrainingData, config: TrainConfig, settings: TrainSettings) -> 
     return Encoded(exported, embedder, features)
 
 
-def prepare(data: TrainingData, encoded: Encoded) -> Prepared:
+def prepare(data: TrainingData, encoded: Encoded, feedback: str | None = None) -> Prepared:
     """Targets (scores, billed output tokens), the input token map, prices and the cost scale."""
     f, table = encoded.features, data.table
     estimator, mae, source = fit_token_estimator(
@@ -117,7 +121,10 @@ def prepare(data: TrainingData, encoded: Encoded) -> Prepared:
     )
     c_ref = float(np.nanmean(np.nanmean(table.matrix("cost_usd"), axis=0)))
     targets = build_targets(table, estimator.estimate(f.word_pieces, f.chars))
-    return Prepared(targets, estimator, token_map, prices, c_ref)
+    rows = load_feedback(feedback, table.models, f.features.shape[1]) if feedback else None
+    if rows is not None:
+        log.info("feedback: %d prompts, %d outcomes join the fitted rows", len(rows), rows.outcomes)
+    return Prepared(targets, rows, estimator, token_map, prices, c_ref)
 
 
 def fit_heads(
@@ -128,13 +135,19 @@ def fit_heads(
     *,
     rounds: list[int] | None = None,
 ) -> HeadsModel:
-    """Heads fitted on `rows` of the table; with `rounds` None, early stopping on validation."""
+    """Heads fitted on `rows` of the table (and the feedback rows); with `rounds` None, early
+    stopping on validation."""
     x, t = encoded.features.features, prepared.targets
+    fx, fs, ft = x[rows], t.score[rows], t.output_tokens[rows]
+    extra = prepared.feedback
+    if extra is not None and len(extra):
+        fx = np.vstack([fx, extra.features])
+        fs, ft = np.vstack([fs, extra.score]), np.vstack([ft, extra.output_tokens])
     return HeadsModel.fit(
         data.table.models,
-        x[rows],
-        t.score[rows],
-        t.output_tokens[rows],
+        fx,
+        fs,
+        ft,
         encoded.embedder.dim,
         HEADS,
         validation=(x[data.is_val], t.output_tokens[data.is_val]) if rounds is None else None,
@@ -177,6 +190,7 @@ def export(
         output_head_rounds=dict(zip(table.models, heads.boosters.rounds, strict=True)),
         validation_metrics=validated.figures,
         durations_s=durations,
+        feedback_outcomes=prepared.feedback.outcomes if prepared.feedback else 0,
     )
     models = [
         ModelSpec(
@@ -238,7 +252,7 @@ def train_bundle(
     with timer.stage("embed"):
         encoded = encode(data, config, settings)
     with timer.stage("targets"):
-        prepared = prepare(data, encoded)
+        prepared = prepare(data, encoded, config.feedback)
     with timer.stage("heads_validation"):
         on_fit = fit_heads(data, encoded, prepared, ~data.is_val)
         validated = validate_heads(data, encoded, prepared, on_fit)

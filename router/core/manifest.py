@@ -112,6 +112,8 @@ class TrainingSpec(_Spec):
     output_head_rounds: dict[str, int]
     validation_metrics: ValidationFigures
     durations_s: dict[str, float]
+    # outcomes from a feedback store that joined the fitted rows (router train --feedback)
+    feedback_outcomes: int = Field(default=0, ge=0)
 
 
 class ReferenceSpec(_Spec):

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.core.errors import InvalidRequest, NotFound, StoreUnavailable
+from router.core.feedback_store import DecisionRecord, Outcome, SqlStore, StoreError
 from router.core.online import OnlineMemory
-from router.serving.feedback_store import DecisionRecord, Outcome, SqlStore, StoreError
 from router.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)

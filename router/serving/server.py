@@ -19,10 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from router.core.feedback_store import open_store
 from router.serving.bundle_store import BundleStore
 from router.serving.config import ServeSettings
 from router.serving.feedback import FeedbackService
-from router.serving.feedback_store import open_store
 from router.serving.grpc_api import RouterServicer
 from router.serving.interceptors import BearerToken, ErrorsAndMetrics
 from router.serving.ledger import open_ledger

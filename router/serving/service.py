@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 from router.core.engine import Engine, Routed
 from router.core.errors import DeadlineExceeded, FeedbackDisabled, NotReady, Overloaded, RouterError
+from router.core.feedback_store import DecisionRecord
 from router.core.manifest import ModelSpec, PresetSpec
 from router.core.policy import Decision, Preferences, explore
 from router.serving.batching import MicroBatcher
 from router.serving.budgets import tenant_of
 from router.serving.bundle_store import BundleStore
 from router.serving.feedback import FeedbackQuery, FeedbackService
-from router.serving.feedback_store import DecisionRecord
 from router.serving.ledger import Ledger
 from router.serving.metrics import Metrics
 from router.serving.requests import Limits, RouteQuery, RouteResult, validate

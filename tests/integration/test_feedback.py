@@ -162,3 +162,38 @@ def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, tmp_path: Pat
     with sqlite3.connect(path) as db:
         stored = set(db.execute("SELECT decision_id, score FROM outcomes").fetchall())
     assert len(acknowledged) == 30 and stored == set(acknowledged)
+
+
+def test_logged_feedback_exports_as_a_table_and_folds_into_a_retrain(
+    small_bundle: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from router.cli import main
+    from router.core.manifest import Manifest
+    from tests.conftest import SMALL_PROMPTS
+
+    path = tmp_path / "feedback.sqlite"
+    prompts = list(pd.read_parquet(data_dir / "mmlu_pro" / "prompts.parquet").prompt[:12])
+    with (
+        running_server(bundle=small_bundle, feedback_store=f"sqlite://{path}") as srv,
+        router_stub(srv.address) as stub,
+    ):
+        for i, text in enumerate(prompts):
+            r = stub.Route(router_pb2.RouteRequest(prompt=text), timeout=30)
+            _feedback(stub, r.decision_id, float(i % 2), output_tokens=40 + i, cost_usd=1e-4)
+            other = next(e.model for e in r.estimates if e.model != r.model)
+            _feedback(stub, r.decision_id, 0.5, model=other)
+    out = tmp_path / "exported"
+    assert main(["feedback", "export", "--store", f"sqlite://{path}", "--out", str(out)]) == 0
+    exported = pd.read_parquet(out / "prompts.parquet")
+    outcomes = pd.read_parquet(out / "outcomes.parquet")
+    features = pd.read_parquet(out / "features.parquet")
+    assert len(exported) == 12 and len(outcomes) == 24 and (exported.prompt == "").all(), "no text stored"
+    assert set(features.prompt_id) == set(exported.prompt_id) and len(features.features[0]) == 390
+    assert set(pd.read_csv(out / "models.csv").model) == set(outcomes.model)
+    bundle = tmp_path / "retrained"
+    code = main(["train", "--data", str(data_dir / "mmlu_pro"), "--max-prompts", str(SMALL_PROMPTS),
+                 "--feedback", f"sqlite://{path}", "--out", str(bundle)])  # fmt: skip
+    assert code == 0
+    assert Manifest.read(bundle).training.feedback_outcomes == 24
