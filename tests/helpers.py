@@ -201,3 +201,28 @@ class Traffic:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=60)
+
+
+@contextmanager
+def killed_afterwards(bundle: Path, *extra: str) -> Iterator[router_pb2_grpc.RouterStub]:
+    """`router serve` in a process of its own, a stub to it, and SIGKILL once the block is done:
+    whatever the server acknowledged must then be found where it said it wrote it."""
+    import signal
+    import subprocess
+    import sys
+
+    from training.bench import _free_port, wait_serving
+
+    port = _free_port()
+    command = serve_command([sys.executable, "-m", "router.cli"], bundle, port=port, extra=extra)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
+        with router_stub(address) as stub:
+            yield stub
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -175,33 +175,14 @@ def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
 
 def test_spend_acted_on_survives_sigkill(small_bundle: Path, tmp_path: Path) -> None:
     """Every decision's spend is in the store before its answer leaves: kill -9, then count."""
-    import signal
     import sqlite3
-    import subprocess
-    import sys
 
-    from tests.helpers import serve_command
-    from training.bench import _free_port, wait_serving
+    from tests.helpers import killed_afterwards
 
     budgets, store = tmp_path / "budgets.yaml", tmp_path / "spend.sqlite"
     _write(budgets, "tenants:\n  durable: {limit_usd: 1000.0}\n")
-    port = _free_port()
-    extra = ("--budgets", str(budgets), "--spend-store", str(store))
-    proc = subprocess.Popen(
-        serve_command([sys.executable, "-m", "router.cli"], small_bundle, port=port, extra=extra),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
-        with router_stub(address) as stub:
-            costs = [_cost(_route(stub, PROMPTS[i % len(PROMPTS)], "durable")) for i in range(25)]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with killed_afterwards(small_bundle, "--budgets", str(budgets), "--spend-store", str(store)) as stub:
+        costs = [_cost(_route(stub, PROMPTS[i % len(PROMPTS)], "durable")) for i in range(25)]
     with sqlite3.connect(store) as db:
         spent, calls = db.execute(
             "SELECT SUM(spent_usd), SUM(calls) FROM spend WHERE tenant = 'durable'"

@@ -4,10 +4,7 @@ SIGKILL."""
 
 from __future__ import annotations
 
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +12,7 @@ import grpc
 import pytest
 
 from router.v1 import router_pb2
-from tests.helpers import router_stub, running_server, serve_command
-from training.bench import _free_port, wait_serving
+from tests.helpers import killed_afterwards, router_stub, running_server
 
 PROMPT = "Which planet has the longest day in the solar system?"
 OTHERS = [
@@ -137,28 +133,12 @@ async def _settle() -> None:
 
 def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, tmp_path: Path) -> None:
     path = tmp_path / "feedback.sqlite"
-    port = _free_port()
-    command = serve_command(
-        [sys.executable, "-m", "router.cli"],
-        small_bundle,
-        port=port,
-        extra=("--feedback-store", f"sqlite://{path}"),
-    )
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     acknowledged = []
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
-        with router_stub(address) as stub:
-            for i in range(30):
-                r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} ({i})"), timeout=30)
-                if _feedback(stub, r.decision_id, (i % 10) / 10).recorded:
-                    acknowledged.append((r.decision_id, (i % 10) / 10))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with killed_afterwards(small_bundle, "--feedback-store", f"sqlite://{path}") as stub:
+        for i in range(30):
+            r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} ({i})"), timeout=30)
+            if _feedback(stub, r.decision_id, (i % 10) / 10).recorded:
+                acknowledged.append((r.decision_id, (i % 10) / 10))
     with sqlite3.connect(path) as db:
         stored = set(db.execute("SELECT decision_id, score FROM outcomes").fetchall())
     assert len(acknowledged) == 30 and stored == set(acknowledged)

@@ -4,9 +4,6 @@ makes Feedback UNAVAILABLE while Route keeps serving."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +13,8 @@ import psycopg
 import pytest
 
 from router.v1 import router_pb2
-from tests.helpers import router_stub, running_server, serve_command
+from tests.helpers import killed_afterwards, router_stub, running_server
 from tests.postgres import Postgres, running_postgres
-from training.bench import _free_port, wait_serving
 
 PROMPT = "Explain why the sky is blue in two sentences."
 
@@ -59,27 +55,12 @@ def test_two_replicas_on_one_store_learn_from_each_other(small_bundle: Path, pos
 
 
 def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, postgres: Postgres) -> None:
-    port = _free_port()
-    extra = ("--feedback-store", postgres.url)
-    proc = subprocess.Popen(
-        serve_command([sys.executable, "-m", "router.cli"], small_bundle, port=port, extra=extra),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     acknowledged = set()
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
-        with router_stub(address) as stub:
-            for i in range(25):
-                r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} #{i}"), timeout=30)
-                if _feedback(stub, r.decision_id, 0.25).recorded:
-                    acknowledged.add(r.decision_id)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with killed_afterwards(small_bundle, "--feedback-store", postgres.url) as stub:
+        for i in range(25):
+            r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} #{i}"), timeout=30)
+            if _feedback(stub, r.decision_id, 0.25).recorded:
+                acknowledged.add(r.decision_id)
     with psycopg.connect(postgres.url) as conn:
         stored = {row[0] for row in conn.execute("SELECT decision_id FROM outcomes WHERE score = 0.25")}
     assert len(acknowledged) == 25 and acknowledged <= stored
