@@ -8,9 +8,12 @@ one tenant a spend target: 30% of the most accurate single model's mean cost on 
 Reported, from the first TRANSIENT calls on, over every window of WINDOW consecutive calls and over
 the whole run: the tenant's spend per call against the target, both as the router accounts it (the
 predicted cost of each decision: what the controller and the caps see) and as the table bills it
-(the recorded cost of the chosen model); beside it, the same prompts at the bundle's fixed
-`cost-30` preset (calibrated offline for that share). Quality: the mean score reached, against the
-router's offline cost/quality curve on the same prompts at the realised spend.
+(the recorded cost of the chosen model). Twice: without outcome feedback (the controller steers by
+predictions alone), and with the table's outcome of the chosen model (score, tokens, cost) sent
+back with Feedback after every call, as a team that reports its bills would, so that the controller
+steers by reported cost. Beside them, the same prompts at the bundle's fixed `cost-30` preset
+(calibrated offline for that share). Quality: the mean score reached, against the router's offline
+cost/quality curve on the same prompts at the realised spend.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -50,42 +54,61 @@ def _windows(values: np.ndarray, target: float) -> dict[str, float]:
     }
 
 
-def replay(bundle_dir: Path, data_dir: Path) -> dict:
+@dataclass(frozen=True)
+class Calls:
+    """The prompts of the replay, in order, and the table's outcome of every model on each."""
+
+    texts: list[str]
+    models: list[str]
+    score: np.ndarray  # prompts x models
+    cost: np.ndarray
+    output_tokens: np.ndarray
+
+
+def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1) -> dict:
+    """`every`: keep every k-th prompt of the ordered split (a shorter run, same mix shifts)."""
     _, engine = open_engine(bundle_dir, provider="cpu")
-    test = load_table(data_dir).split("test")
-    keep = complete_rows(test, engine.models)
-    prompts = test.prompts[keep].reset_index(drop=True)
-    order = np.argsort(prompts["source"].to_numpy(), kind="stable")
-    texts = [str(t) for t in prompts["prompt"].to_numpy()[order]]
-    score = test.matrix("score", engine.models)[keep][order]
-    cost = test.matrix("cost_usd", engine.models)[keep][order]
+    table = load_table(data_dir).split(split)
+    keep = complete_rows(table, engine.models)
+    prompts = table.prompts[keep].reset_index(drop=True)
+    order = np.argsort(prompts["source"].to_numpy(), kind="stable")[::every]
+    calls = Calls(
+        [str(t) for t in prompts["prompt"].to_numpy()[order]],
+        list(engine.models),
+        *(table.matrix(c, engine.models)[keep][order] for c in ("score", "cost_usd", "output_tokens")),
+    )
+    score, cost, texts = calls.score, calls.cost, calls.texts
     best = int(np.argmax(score.mean(axis=0)))
     target = 0.3 * float(cost[:, best].mean())
-
-    chosen, predicted = _through_the_server(bundle_dir, texts, target)
-    index = [engine.models.index(m) for m in chosen]
     rows = np.arange(len(texts))
-    realised = cost[rows, index]
-    quality = float(score[rows, index].mean())
 
     est = engine.estimate(texts)
-    preset = engine.policy.presets["cost-30"].cost_weight
-    fixed = choose(est.quality, est.cost_usd, preset, engine.policy.c_ref_usd)
     points = [choose(est.quality, est.cost_usd, float(w), engine.policy.c_ref_usd) for w in W_GRID]
     curve = hull(
         np.array([cost[rows, p].mean() for p in points]), np.array([score[rows, p].mean() for p in points])
     )
+
+    def controlled(feedback: bool) -> dict:
+        chosen, predicted = _through_the_server(bundle_dir, calls, target, feedback)
+        index = [engine.models.index(m) for m in chosen]
+        realised = cost[rows, index]
+        return {
+            "predicted": _windows(np.array(predicted), target),
+            "billed": _windows(realised, target),
+            "quality": float(score[rows, index].mean()),
+            "curve_quality_at_billed_spend": curve.at(float(realised.mean())),
+        }
+
+    preset = engine.policy.presets["cost-30"].cost_weight
+    fixed = choose(est.quality, est.cost_usd, preset, engine.policy.c_ref_usd)
     return {
+        "split": split,
         "prompts": len(texts),
         "categories_in_order": list(dict.fromkeys(prompts["source"].to_numpy()[order].tolist())),
         "most_accurate_model": engine.models[best],
         "target_usd_per_1k": 1000 * target,
-        "controller": {
-            "predicted": _windows(np.array(predicted), target),
-            "billed": _windows(realised, target),
-            "quality": quality,
-            "curve_quality_at_billed_spend": curve.at(float(realised.mean())),
-        },
+        "controller": controlled(feedback=False),
+        "controller_with_cost_feedback": controlled(feedback=True),
         "fixed_preset_cost_30": {
             "cost_weight": preset,
             "predicted": _windows(est.cost_usd[rows, fixed], target),
@@ -95,7 +118,9 @@ def replay(bundle_dir: Path, data_dir: Path) -> dict:
     }
 
 
-def _through_the_server(bundle_dir: Path, texts: list[str], target: float) -> tuple[list[str], list[float]]:
+def _through_the_server(
+    bundle_dir: Path, calls: Calls, target: float, feedback: bool
+) -> tuple[list[str], list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         budgets = Path(tmp) / "budgets.yaml"
         budgets.write_text(f"tenants:\n  {TENANT}:\n    target_usd_per_1k: {1000 * target!r}\n")
@@ -103,6 +128,8 @@ def _through_the_server(bundle_dir: Path, texts: list[str], target: float) -> tu
         command = ["serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1", "--port", str(port)]
         command += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--bundle-poll-s", "0"]
         command += ["--budgets", str(budgets), "--spend-store", str(Path(tmp) / "spend.sqlite")]
+        if feedback:
+            command += ["--feedback-store", f"sqlite:///{Path(tmp) / 'feedback.sqlite'}"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "router.cli", *command],
             stdout=subprocess.DEVNULL,
@@ -115,10 +142,19 @@ def _through_the_server(bundle_dir: Path, texts: list[str], target: float) -> tu
             chosen, predicted = [], []
             with grpc.insecure_channel(address) as channel:
                 stub = router_pb2_grpc.RouterStub(channel)
-                for text in texts:
+                for i, text in enumerate(calls.texts):
                     r = stub.Route(router_pb2.RouteRequest(prompt=text, tenant=TENANT), timeout=60)
                     chosen.append(r.model)
                     predicted.append(next(e.cost_usd for e in r.estimates if e.model == r.model))
+                    if feedback:
+                        m = calls.models.index(r.model)
+                        tokens = calls.output_tokens[i, m]
+                        outcome = router_pb2.FeedbackRequest(
+                            decision_id=r.decision_id, score=calls.score[i, m], cost_usd=calls.cost[i, m]
+                        )
+                        if np.isfinite(tokens):
+                            outcome.output_tokens = int(tokens)
+                        stub.Feedback(outcome, timeout=60)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -126,7 +162,7 @@ def _through_the_server(bundle_dir: Path, texts: list[str], target: float) -> tu
 
 
 def report(r: dict) -> str:
-    c, f = r["controller"], r["fixed_preset_cost_30"]
+    c, cf, f = r["controller"], r["controller_with_cost_feedback"], r["fixed_preset_cost_30"]
 
     def line(name: str, d: dict) -> str:
         within = 100 * d["windows_within_10pct"]
@@ -137,12 +173,17 @@ def report(r: dict) -> str:
 
     return "\n".join(
         [
-            f"{r['prompts']} test prompts in {len(r['categories_in_order'])} categories, in order; target "
-            f"{r['target_usd_per_1k']:.4f} USD per 1k calls (30% of {r['most_accurate_model']}'s mean cost)",
+            f"{r['prompts']} {r['split']} prompts in {len(r['categories_in_order'])} categories, in order; "
+            f"target {r['target_usd_per_1k']:.4f} USD per 1k calls "
+            f"(30% of {r['most_accurate_model']}'s mean cost)",
             line("spend target, as the router accounts it (predicted)", c["predicted"]),
             line("spend target, as billed (recorded costs)", c["billed"]),
             f"  quality {c['quality']:.4f}; the offline curve at the billed spend: "
             f"{c['curve_quality_at_billed_spend']:.4f}",
+            line("spend target with cost feedback, predicted", cf["predicted"]),
+            line("spend target with cost feedback, billed", cf["billed"]),
+            f"  quality {cf['quality']:.4f}; the offline curve at the billed spend: "
+            f"{cf['curve_quality_at_billed_spend']:.4f}",
             line(f"fixed cost-30 preset (w={f['cost_weight']:g}), predicted", f["predicted"]),
             line("fixed cost-30 preset, billed", f["billed"]),
             f"  quality {f['quality']:.4f}",

@@ -58,6 +58,8 @@ class StoredDecision:
     created_at: float
     model: str
     models: tuple[str, ...]
+    tenant: str
+    cost_usd: float  # the chosen model's predicted cost
 
 
 @dataclass(frozen=True)
@@ -148,11 +150,19 @@ class SqlStore:
         with self.transaction() as cur:
             marks = ", ".join("?" * len(ids))
             cur.execute(
-                self._q(f"SELECT id, created_at, model, models FROM decisions WHERE id IN ({marks})"),
+                self._q(
+                    "SELECT id, created_at, model, models, tenant, cost_usd FROM decisions "
+                    f"WHERE id IN ({marks})"
+                ),
                 list(ids),
             )
             rows = cur.fetchall()
-        return {r[0]: StoredDecision(r[0], float(r[1]), r[2], tuple(json.loads(r[3]))) for r in rows}
+        found = {}
+        for id_, created_at, model, models_json, tenant, costs in rows:
+            models = tuple(json.loads(models_json))
+            cost = np.frombuffer(bytes(costs), dtype="<f8")[models.index(model)]
+            found[id_] = StoredDecision(id_, float(created_at), model, models, tenant, float(cost))
+        return found
 
     def add_outcomes(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """In one transaction (one commit for many callers); per outcome, True if recorded, False if

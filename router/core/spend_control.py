@@ -8,7 +8,17 @@ ones and the mean spend converges to the target itself (clipping each call's err
 tame long prompts, would bias it: costs have a long right tail); it only keeps one long prompt
 from throwing w. Integral action holds the target whatever the traffic mix and follows it as the
 mix shifts; working on log w fits the policy, whose useful range of w spans five orders of
-magnitude. State: w and the moving average.
+magnitude.
+
+Predicted costs are corrected by the costs callers report (outcome feedback on the chosen model,
+with `cost_usd`), so that the controller steers by the bill rather than the estimate. Two ways at
+once: a reported decision's difference from what the average took in for it goes into the average
+(late, but the filter's errors sum to the same whatever the delay, so the mean spend it drives to
+the target is the billed one); and every prediction is scaled by the ratio of reported to
+predicted cost over the decisions reported (exponentially weighted, CORRECTION_SMOOTHING per
+report), which corrects the decisions nobody reports and those not reported yet. The ratio
+follows the mix, since estimates are off by different amounts for different kinds of prompt; it
+starts at 1 and stays there without feedback. State: w, the moving average and the two sums.
 
 It starts from the bundle's calibrated spend curve (`PolicySpec.spend_curve`: mean predicted cost
 per call against w, measured on validation), read off at the target, or from the bundle's default
@@ -28,6 +38,8 @@ W_MIN = 1e-6
 W_MAX = 1.0
 GAIN = 0.16
 SMOOTHING = 0.1
+CORRECTION_SMOOTHING = 0.02
+RATIO_RANGE = (0.1, 10.0)  # a few odd reports must not make w run away
 
 
 def initial_cost_weight(
@@ -51,11 +63,28 @@ class SpendController:
     gain: float = GAIN
     smoothing: float = SMOOTHING
     average_usd: float | None = None  # the moving average of spend per call; starts at the target
+    reported_usd: float = 0.0  # exponentially weighted sums over the decisions with a reported cost
+    predicted_usd: float = 0.0
+
+    @property
+    def correction(self) -> float:
+        """Reported over predicted cost, over the decisions reported (1 without any)."""
+        if self.predicted_usd <= 0.0:
+            return 1.0
+        return min(max(self.reported_usd / self.predicted_usd, RATIO_RANGE[0]), RATIO_RANGE[1])
+
+    def report(self, predicted_usd: float, reported_usd: float) -> None:
+        """A caller's reported cost for one decision this controller steered."""
+        if self.average_usd is not None:
+            self.average_usd += self.smoothing * (reported_usd - predicted_usd * self.correction)
+        keep = 1.0 - CORRECTION_SMOOTHING
+        self.reported_usd = keep * self.reported_usd + reported_usd
+        self.predicted_usd = keep * self.predicted_usd + predicted_usd
 
     def observe(self, cost_usd: float) -> None:
         """One decision's predicted cost."""
         average = self.target_usd_per_call if self.average_usd is None else self.average_usd
-        self.average_usd = average + self.smoothing * (cost_usd - average)
+        self.average_usd = average + self.smoothing * (cost_usd * self.correction - average)
         error = self.average_usd / self.target_usd_per_call - 1.0
         w = math.exp(math.log(max(self.cost_weight, W_MIN)) + self.gain * error)
         self.cost_weight = min(max(w, W_MIN), W_MAX)

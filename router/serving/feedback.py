@@ -12,6 +12,9 @@ acknowledged, and the online memory kept in step with the store.
 - A sync thread reads the outcomes that reached the store since it last looked (from any replica
   sharing it) every SYNC_S, and adds them to the online memory (router/core/online.py) that the
   engine consults: an outcome moves the estimates within seconds, on every replica.
+- A newly recorded outcome of the chosen model with a `cost_usd` goes to the budgets ledger, whose
+  spend controller for the decision's tenant then steers by reported rather than predicted cost
+  (on the replica that received it).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from router.core.errors import InvalidRequest, NotFound, StoreUnavailable
-from router.core.feedback_store import DecisionRecord, Outcome, SqlStore, StoreError
+from router.core.feedback_store import DecisionRecord, Outcome, SqlStore, StoredDecision, StoreError
 from router.core.online import OnlineMemory
 from router.serving.metrics import Metrics
 
@@ -70,9 +74,16 @@ def _check(query: FeedbackQuery) -> None:
 
 class FeedbackService:
     def __init__(
-        self, store: SqlStore, metrics: Metrics, memory: OnlineMemory, *, retention_s: float
+        self,
+        store: SqlStore,
+        metrics: Metrics,
+        memory: OnlineMemory,
+        *,
+        retention_s: float,
+        on_reported_cost: Callable[[str, float, float], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_reported_cost = on_reported_cost  # (tenant, predicted, reported cost)
         self.metrics = metrics
         self.memory = memory
         self.retention_s = retention_s
@@ -173,7 +184,7 @@ class FeedbackService:
             self.flush()  # decisions still waiting in the queue must be found
             found = self.store.decisions(sorted({q.decision_id for q, _ in batch}))
             now = time.time()
-            writes: list[tuple[Outcome, Future[tuple[bool, str]]]] = []
+            writes: list[tuple[Outcome, Future[tuple[bool, str]], StoredDecision]] = []
             for query, future in batch:
                 decision = found.get(query.decision_id)
                 if decision is None or decision.created_at < now - self.retention_s:
@@ -198,8 +209,8 @@ class FeedbackService:
                     query.cost_usd,
                     now,
                 )
-                writes.append((outcome, future))
-            recorded = self.store.add_outcomes([o for o, _ in writes])
+                writes.append((outcome, future, decision))
+            recorded = self.store.add_outcomes([o for o, _, _ in writes])
         except StoreError as exc:
             self.metrics.feedback_store_errors.labels(op="outcome").inc()
             for _, future in batch:
@@ -207,8 +218,11 @@ class FeedbackService:
                     future.set_exception(StoreUnavailable(f"the feedback store is unavailable: {exc}"))
             return
         self.metrics.feedback_store_seconds.labels(op="outcome").observe(time.perf_counter() - started)
-        for (outcome, future), new in zip(writes, recorded, strict=True):
+        for (outcome, future, decision), new in zip(writes, recorded, strict=True):
             self.metrics.feedback_outcomes.labels(result="recorded" if new else "duplicate").inc()
+            chosen = outcome.model == decision.model
+            if new and chosen and self.on_reported_cost is not None and outcome.cost_usd is not None:
+                self.on_reported_cost(decision.tenant, decision.cost_usd, outcome.cost_usd)
             where = f"{outcome.model} for decision {outcome.decision_id}"
             if new:
                 future.set_result((True, f"recorded the outcome of {where}"))

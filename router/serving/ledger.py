@@ -14,8 +14,10 @@ tenant's calls share a batch. For a tenant the budgets file configures:
   call (RESOURCE_EXHAUSTED), as it does for a call whose cheapest possible model would overrun what
   is left. The cap holds whatever the request asks.
 
-Spend is the predicted cost of the chosen model (outcome feedback, where it exists, is not yet
-folded in). It is written to the spend store after each batch and read back at start-up.
+Spend, for the caps, is the predicted cost of the chosen model, known when the decision is made.
+It is written to the spend store after each batch and read back at start-up. The spend target
+steers by the reported cost where outcome feedback brings one (`reported_cost`): its controller
+scales predictions by what callers report against what was predicted.
 Tenants the file does not configure are routed as if there were no budgets.
 """
 
@@ -160,6 +162,13 @@ class Ledger:
             self._record(tenant, budget, cost, controller)
             return dataclasses.replace(decision, reason=note + decision.reason) if note else decision
 
+    def reported_cost(self, tenant: str, predicted_usd: float, reported_usd: float) -> None:
+        """A caller's reported cost for one of the tenant's decisions (from outcome feedback)."""
+        with self._lock:
+            controller = self._controllers.get(tenant)
+            if controller is not None:
+                controller.report(predicted_usd, reported_usd)
+
     def _controller(self, tenant: str, budget: TenantBudget, engine: Engine) -> SpendController | None:
         if budget.target_usd_per_1k is None:
             return None
@@ -202,6 +211,7 @@ class Ledger:
             controller = self._controllers.get(name)
             if controller is not None:
                 self.metrics.tenant_cost_weight.labels(tenant=name).set(controller.cost_weight)
+                self.metrics.tenant_cost_correction.labels(tenant=name).set(controller.correction)
             if budget.limit_usd is not None:
                 spent = self._spent.get((name, window_start(now, budget.window_s)), 0.0)
                 self.metrics.tenant_cap_remaining.labels(tenant=name).set(max(budget.limit_usd - spent, 0.0))

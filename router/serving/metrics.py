@@ -135,6 +135,13 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.tenant_cost_correction = Gauge(
+            "router_tenant_cost_correction",
+            "Reported over predicted cost of a tenant's decisions, as its spend controller scales "
+            "predictions by it (1 without cost feedback).",
+            ["tenant"],
+            registry=r,
+        )
         self.tenant_cap = Gauge(
             "router_tenant_cap_usd", "A tenant's hard spend limit per window, USD.", ["tenant"], registry=r
         )
@@ -232,6 +239,7 @@ class Metrics:
             _forget(self.tenant_cap_remaining, tenant=tenant)
         if target_usd_per_1k is None:
             _forget(self.tenant_cost_weight, tenant=tenant)
+            _forget(self.tenant_cost_correction, tenant=tenant)
 
     def forget_tenant(self, tenant: str) -> None:
         for metric in (
@@ -239,6 +247,7 @@ class Metrics:
             self.tenant_spend,
             self.tenant_target,
             self.tenant_cost_weight,
+            self.tenant_cost_correction,
             self.tenant_cap,
             self.tenant_cap_remaining,
         ):

@@ -70,6 +70,7 @@ class RouterServer:
                 self.metrics,
                 self.store.online,
                 retention_s=settings.feedback_retention_s,
+                on_reported_cost=self.ledger.reported_cost if self.ledger is not None else None,
             )
             if settings.feedback_store
             else None

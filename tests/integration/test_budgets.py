@@ -173,6 +173,46 @@ def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
     assert code == 2 and "tenants.bad.on_exhausted" in err and "Traceback" not in err
 
 
+def test_reported_costs_steer_a_spend_target_by_the_bill(server, tmp_path: Path, typical_cost: float) -> None:
+    """Two tenants with the same target and the same prompts; one reports bills five times what the
+    router predicted for its chosen models, so its controller raises w (spends less per estimate),
+    while reports on a model the decision did not choose leave the other's alone."""
+    budgets = tmp_path / "budgets.yaml"
+    target = 1000 * typical_cost
+    _write(budgets, f"tenants:\n  billed: {{target_usd_per_1k: {target!r}}}\n"
+                    f"  estimated: {{target_usd_per_1k: {target!r}}}\n")  # fmt: skip
+    with (
+        running_server(
+            bundle=server.settings.bundle,
+            budgets=budgets,
+            spend_store=tmp_path / "spend.sqlite",
+            feedback_store=f"sqlite:///{tmp_path / 'feedback.sqlite'}",
+        ) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        for i in range(40):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            billed, estimated = _route(stub, prompt, "billed"), _route(stub, prompt, "estimated")
+            stub.Feedback(
+                router_pb2.FeedbackRequest(
+                    decision_id=billed.decision_id, score=1.0, cost_usd=5 * _cost(billed)
+                ),
+                timeout=30,
+            )
+            other = next(e for e in estimated.estimates if e.model != estimated.model)
+            stub.Feedback(
+                router_pb2.FeedbackRequest(
+                    decision_id=estimated.decision_id,
+                    model=other.model,
+                    score=1.0,
+                    cost_usd=5 * other.cost_usd,
+                ),
+                timeout=30,
+            )
+        billed, estimated = _route(stub, PROMPTS[0], "billed"), _route(stub, PROMPTS[0], "estimated")
+    assert billed.cost_weight > 3 * estimated.cost_weight, (billed.cost_weight, estimated.cost_weight)
+
+
 def test_spend_acted_on_survives_sigkill(small_bundle: Path, tmp_path: Path) -> None:
     """Every decision's spend is in the store before its answer leaves: kill -9, then count."""
     import sqlite3

@@ -37,3 +37,33 @@ def test_it_starts_where_the_calibrated_curve_spends_the_target() -> None:
     assert 1e-3 < between < 1e-2
     assert initial_cost_weight(curve, 1.0, default=0.5) == pytest.approx(1e-4)  # beyond: the end
     assert initial_cost_weight([], 0.01, default=0.3) == 0.3
+
+
+def test_reported_costs_steer_it_to_the_bill_not_the_estimate() -> None:
+    """Estimates that run 40% low: without reports the bill overshoots the target by that much; with
+    reports on a fifth of the decisions (the rest corrected by the ratio) the bill meets it."""
+    target = 0.01
+    billed = {}
+    for reporting in (False, True):
+        rng = np.random.default_rng(1)
+        controller = SpendController(target, cost_weight=0.5)
+        bill = []
+        for i in range(8000):
+            predicted = _spend(controller.cost_weight, 1.0, rng)
+            actual = predicted * 1.4 * float(rng.lognormal(0.0, 0.3))
+            controller.observe(predicted)
+            if reporting and i % 5 == 0:
+                controller.report(predicted, actual)
+            bill.append(actual)
+        billed[reporting] = float(np.mean(bill[2000:]))
+    assert billed[False] == pytest.approx(1.4 * 1.046 * target, rel=0.1)  # lognormal mean e^(0.3^2/2)
+    assert billed[True] == pytest.approx(target, rel=0.05)
+
+
+def test_without_reports_the_correction_is_one() -> None:
+    controller = SpendController(0.01, cost_weight=0.1)
+    assert controller.correction == 1.0
+    controller.report(0.002, 0.001)
+    assert controller.correction == pytest.approx(0.5)
+    controller.report(1e-9, 1.0)  # one absurd report cannot make w run away
+    assert controller.correction <= 10.0
