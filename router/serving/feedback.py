@@ -114,9 +114,13 @@ class FeedbackService:
 
     # -- decisions (engine thread) ---------------------------------------------------------------
 
-    def record(self, records: list[DecisionRecord]) -> None:
+    def record(self, records: list[DecisionRecord], front: bool = False) -> None:
+        """Queues decisions (`front`: ones older than those queued, back from a failed write)."""
         with self._pending_lock:
-            self._pending.extend(records)
+            if front:
+                self._pending.extendleft(reversed(records))
+            else:
+                self._pending.extend(records)
             dropped = len(self._pending) - MAX_PENDING
             for _ in range(max(dropped, 0)):
                 self._pending.popleft()
@@ -126,8 +130,11 @@ class FeedbackService:
     def flush(self) -> None:
         """Writes the waiting decisions; on a store error they wait for the next try."""
         with self._write_lock:
+            # taken off the queue while it is written, so that what `record` drops meanwhile (the
+            # oldest) is never a decision this write has yet to store
             with self._pending_lock:
                 batch = list(self._pending)
+                self._pending.clear()
             if not batch:
                 return
             started = time.perf_counter()
@@ -136,11 +143,9 @@ class FeedbackService:
             except StoreError as exc:
                 self.metrics.feedback_store_errors.labels(op="record").inc()
                 log.warning("feedback store: %d decisions wait to be written: %s", len(batch), exc)
+                self.record(batch, front=True)
                 return
             self.metrics.feedback_store_seconds.labels(op="record").observe(time.perf_counter() - started)
-            with self._pending_lock:
-                for _ in range(min(len(batch), len(self._pending))):
-                    self._pending.popleft()
             self.metrics.decisions_logged.inc(len(batch))
 
     # -- outcomes ----------------------------------------------------------------------------------
