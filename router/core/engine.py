@@ -116,7 +116,7 @@ class Engine:
 
     def estimate_features(self, features: PromptFeatures) -> Estimates:
         quality, out_tokens = self.heads.run(features.features)
-        if self.online is not None and len(self.online):
+        if self.online is not None:  # an empty memory returns the estimates as they are
             quality, out_tokens = self.online.adjust(features.features, self.models, quality, out_tokens)
         in_tokens = self.token_estimator.estimate(features.word_pieces, features.chars)
         return Estimates(

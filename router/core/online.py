@@ -50,10 +50,6 @@ class OnlineMemory:
         with self._lock:
             return int((~np.isnan(self._score[: self._size])).sum())
 
-    @property
-    def prompts(self) -> int:
-        return self._size
-
     def _column(self, model: str) -> int:
         if model not in self._columns:
             self._columns[model] = len(self._columns)
