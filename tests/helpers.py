@@ -211,9 +211,9 @@ def killed_afterwards(bundle: Path, *extra: str) -> Iterator[router_pb2_grpc.Rou
     import subprocess
     import sys
 
-    from training.bench import _free_port, wait_serving
+    from training.bench import free_port, wait_serving
 
-    port = _free_port()
+    port = free_port()
     command = serve_command([sys.executable, "-m", "router.cli"], bundle, port=port, extra=extra)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

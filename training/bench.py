@@ -20,12 +20,14 @@ and alternating makes the drift hit both sides of a ratio alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import re
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -213,7 +215,7 @@ def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
     import subprocess
     import sys
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     started = time.perf_counter()
     proc = subprocess.Popen(
         [
@@ -253,6 +255,33 @@ def measure_startup(bundle_dir: Path, timeout: float = 60.0) -> dict:
             proc.kill()
 
 
+@contextmanager
+def serving(bundle: Path, *extra: str, log: Path | None = None, timeout: float = 180.0) -> Iterator[str]:
+    """`router serve` of `bundle` in a process of its own on a free loopback port (metrics on an
+    ephemeral one, no bundle polling, `extra` flags), its output to `log` or nowhere; yields the
+    address once it is SERVING, and stops it with SIGTERM afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = ["serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--bundle-poll-s", "0", *extra]
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("w")) if log is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", *command], stdout=out, stderr=out, env=os.environ.copy()
+        )
+        try:
+            address = f"127.0.0.1:{port}"
+            wait_serving(address, time.perf_counter() + timeout, lambda: proc.poll() is None)
+            yield address
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
 def wait_serving(address: str, deadline: float, alive: Callable[[], bool] = lambda: True) -> None:
     """Polls gRPC health until the router reports SERVING (by perf_counter `deadline`)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -271,7 +300,7 @@ def wait_serving(address: str, deadline: float, alive: Callable[[], bool] = lamb
             time.sleep(0.02)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

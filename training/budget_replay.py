@@ -20,12 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +30,8 @@ import numpy as np
 from router.core.engine import open_engine
 from router.core.policy import choose
 from router.v1 import router_pb2, router_pb2_grpc
-from training.bench import _free_port, wait_serving
-from training.metrics import W_GRID, hull
+from training.bench import serving
+from training.metrics import hull, sweep
 from training.tables import complete_rows, load_table
 
 TRANSIENT = 200
@@ -83,10 +78,7 @@ def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1
     rows = np.arange(len(texts))
 
     est = engine.estimate(texts)
-    points = [choose(est.quality, est.cost_usd, float(w), engine.policy.c_ref_usd) for w in W_GRID]
-    curve = hull(
-        np.array([cost[rows, p].mean() for p in points]), np.array([score[rows, p].mean() for p in points])
-    )
+    curve = hull(*sweep(est.quality, est.cost_usd, score, cost, engine.policy.c_ref_usd)[1:])
 
     def controlled(feedback: bool) -> dict:
         chosen, predicted = _through_the_server(bundle_dir, calls, target, feedback)
@@ -124,40 +116,25 @@ def _through_the_server(
     with tempfile.TemporaryDirectory() as tmp:
         budgets = Path(tmp) / "budgets.yaml"
         budgets.write_text(f"tenants:\n  {TENANT}:\n    target_usd_per_1k: {1000 * target!r}\n")
-        port = _free_port()
-        command = ["serve", "--bundle", str(bundle_dir), "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--bundle-poll-s", "0"]
-        command += ["--budgets", str(budgets), "--spend-store", str(Path(tmp) / "spend.sqlite")]
+        flags = ["--budgets", str(budgets), "--spend-store", str(Path(tmp) / "spend.sqlite")]
         if feedback:
-            command += ["--feedback-store", f"sqlite:///{Path(tmp) / 'feedback.sqlite'}"]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", *command],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=os.environ.copy(),
-        )
-        try:
-            address = f"127.0.0.1:{port}"
-            wait_serving(address, time.perf_counter() + 120, lambda: proc.poll() is None)
+            flags += ["--feedback-store", f"sqlite:///{Path(tmp) / 'feedback.sqlite'}"]
+        with serving(bundle_dir, *flags) as address, grpc.insecure_channel(address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
             chosen, predicted = [], []
-            with grpc.insecure_channel(address) as channel:
-                stub = router_pb2_grpc.RouterStub(channel)
-                for i, text in enumerate(calls.texts):
-                    r = stub.Route(router_pb2.RouteRequest(prompt=text, tenant=TENANT), timeout=60)
-                    chosen.append(r.model)
-                    predicted.append(next(e.cost_usd for e in r.estimates if e.model == r.model))
-                    if feedback:
-                        m = calls.models.index(r.model)
-                        tokens = calls.output_tokens[i, m]
-                        outcome = router_pb2.FeedbackRequest(
-                            decision_id=r.decision_id, score=calls.score[i, m], cost_usd=calls.cost[i, m]
-                        )
-                        if np.isfinite(tokens):
-                            outcome.output_tokens = int(tokens)
-                        stub.Feedback(outcome, timeout=60)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+            for i, text in enumerate(calls.texts):
+                r = stub.Route(router_pb2.RouteRequest(prompt=text, tenant=TENANT), timeout=60)
+                chosen.append(r.model)
+                predicted.append(next(e.cost_usd for e in r.estimates if e.model == r.model))
+                if feedback:
+                    m = calls.models.index(r.model)
+                    tokens = calls.output_tokens[i, m]
+                    outcome = router_pb2.FeedbackRequest(
+                        decision_id=r.decision_id, score=calls.score[i, m], cost_usd=calls.cost[i, m]
+                    )
+                    if np.isfinite(tokens):
+                        outcome.output_tokens = int(tokens)
+                    stub.Feedback(outcome, timeout=60)
     return chosen, predicted
 
 

@@ -23,15 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -39,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from router.v1 import router_pb2, router_pb2_grpc
-from training.bench import _free_port, wait_serving
+from training.bench import serving
 from training.metrics import evaluate
 from training.pipeline import TrainConfig, train_bundle
 from training.tables import RoutingTable, complete_rows, load_table
@@ -59,25 +53,6 @@ def _subtable(table: RoutingTable, train_ids: set[str], out: Path) -> Path:
     )
     table.prices.to_csv(out / "models.csv", index=False)
     return out
-
-
-@contextmanager
-def _serving(bundle: Path, workdir: Path, *extra: str) -> Iterator[str]:
-    port = _free_port()
-    command = ["serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--bundle-poll-s", "0", *extra]
-    log = (workdir / f"server-{port}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", *command], stdout=log, stderr=log, env=os.environ.copy()
-    )
-    try:
-        address = f"127.0.0.1:{port}"
-        wait_serving(address, time.perf_counter() + 180, lambda: proc.poll() is None)
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        log.close()
 
 
 async def _route_all(address: str, texts: list[str]) -> list[router_pb2.RouteResponse]:
@@ -158,13 +133,13 @@ def replay(data_dir: Path, out: Path, seed: int = 0) -> dict:
         feed = train.subset(rest)
         texts = list(feed.prompts["prompt"])
         result: dict = {"table": table.name, "train_prompts": len(ids), "fed_prompts": len(texts)}
-        with _serving(work / "b20", work) as plain:
+        with serving(work / "b20") as plain:
             result["gap_20"] = _test_gap(plain, test, models, c_ref)
-        with _serving(work / "b100", work) as full:
+        with serving(work / "b100") as full:
             result["gap_100"] = _test_gap(full, test, models, c_ref)
         for kind, extra in (("full_information", ()), ("bandit", ("--explore", str(EXPLORE)))):
             store = f"sqlite://{work / f'{kind}.sqlite'}"
-            with _serving(work / "b20", work, "--feedback-store", store, *extra) as address:
+            with serving(work / "b20", "--feedback-store", store, *extra) as address:
                 started = time.perf_counter()
                 responses = asyncio.run(_route_all(address, texts))
                 route_rate = len(texts) / (time.perf_counter() - started)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 from router.v1 import router_pb2
 from tests.helpers import router_stub, serve_command
-from training.bench import wait_serving
+from training.bench import free_port, wait_serving
 
 REPO = Path(__file__).resolve().parents[2]
 TRAINING_LIBRARIES = ("torch", "lightgbm", "transformers", "sentence_transformers", "pandas", "onnxmltools")
@@ -40,15 +39,9 @@ def serving_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(serving_venv: Path, small_bundle: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen(
         serve_command([str(serving_venv / "bin" / "router")], small_bundle, port=port),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -28,6 +27,7 @@ from router.v1 import router_pb2, router_pb2_grpc
 from tests.helpers import LONG_PROMPT
 from tests.ops.podman import REPO, Podman
 from tests.ops.support import DEPLOY, PROMETHEUS_CONFIG, load_dashboard, load_yaml
+from training.bench import free_port
 
 COMPOSE = DEPLOY / "compose.yaml"
 MOUNTED = "localhost/cost-aware-router:test"
@@ -35,12 +35,6 @@ BAKED = "localhost/cost-aware-router:test-baked"
 TRAINING_LIBRARIES = ("torch", "transformers", "sentence_transformers", "lightgbm", "pandas", "grpc_tools")
 # What the build context may hold (the ignore file's allow-list); never .venv, .git, tests or data.
 CONTEXT_ALLOWED = {"pyproject.toml", "setup.py", "README.md", "proto", "router", "deploy", "bundles"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +96,7 @@ class Container:
 def container(podman: Podman, image: str, user: str, bundle: Path | None = None) -> Iterator[Container]:
     """The image run as Kubernetes runs it, on host networking (ports from the ROUTER_* variables)."""
     name = f"router-test-{uuid.uuid4().hex[:8]}"
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     args = [
         "run", "-d", "--name", name, "--network=host", f"--user={user}", "--read-only",
         "--tmpfs=/tmp", "--cap-drop=ALL", "--security-opt=no-new-privileges",

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from tests.helpers import ServerThread, certificate, running_server, write_pem
-from tests.ops.support import DEPLOY, free_port
+from tests.ops.support import DEPLOY
+from training.bench import free_port
 
 PROBE = DEPLOY / "docker" / "healthcheck.py"
 
