@@ -133,8 +133,9 @@ class Ledger:
                 prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
             note = ""
             remaining = math.inf
+            now = self.clock()  # one window for the check and the booking, even at its boundary
             if budget.limit_usd is not None:
-                window = window_start(self.clock(), budget.window_s)
+                window = window_start(now, budget.window_s)
                 remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
                 if remaining <= 0:
                     if budget.on_exhausted == "reject":
@@ -159,7 +160,7 @@ class Ledger:
                     f"tenant {tenant!r} has {remaining:.3g} USD left this window; the cheapest allowed "
                     f"model is predicted to cost {cost:.3g} USD"
                 )
-            self._record(tenant, budget, cost, controller)
+            self._record(tenant, budget, cost, controller, now)
             return dataclasses.replace(decision, reason=note + decision.reason) if note else decision
 
     def reported_cost(self, tenant: str, predicted_usd: float, reported_usd: float) -> None:
@@ -182,9 +183,14 @@ class Ledger:
         return controller
 
     def _record(
-        self, tenant: str, budget: TenantBudget, cost: float, controller: SpendController | None
+        self,
+        tenant: str,
+        budget: TenantBudget,
+        cost: float,
+        controller: SpendController | None,
+        now: float,
     ) -> None:
-        window = window_start(self.clock(), budget.window_s if budget.limit_usd is not None else 86400.0)
+        window = window_start(now, budget.window_s if budget.limit_usd is not None else 86400.0)
         key = (tenant, window)
         self._spent[key] = self._spent.get(key, 0.0) + cost
         usd, calls = self._pending.get(key, (0.0, 0))
