@@ -15,6 +15,7 @@ from router.core.pricing import PER_TOKEN
 from training.errors import TableError
 
 PRICES = ("input_usd_per_mtok", "output_usd_per_mtok")
+TOKENS = ("input_tokens", "output_tokens")
 MIN_ROWS = 10
 LIST_PRICE = "list price"
 
@@ -33,13 +34,7 @@ def fill_prices(name: str, prices: pd.DataFrame, outcomes: pd.DataFrame) -> pd.D
         if not (np.isnan(row[PRICES[0]]) or np.isnan(row[PRICES[1]])):
             continue
         mine = outcomes[outcomes["model"] == row["model"]]
-        cost = pd.to_numeric(mine["cost_usd"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-        tokens_in = pd.to_numeric(mine["input_tokens"], errors="coerce").to_numpy(
-            dtype=float, na_value=np.nan
-        )
-        tokens_out = pd.to_numeric(mine["output_tokens"], errors="coerce").to_numpy(
-            dtype=float, na_value=np.nan
-        )
+        cost, tokens_in, tokens_out = (_numbers(mine[c]) for c in ("cost_usd", *TOKENS))
         usable = ~np.isnan(cost) & ~np.isnan(tokens_in) & ~np.isnan(tokens_out)
         if usable.sum() < MIN_ROWS:
             raise TableError(
