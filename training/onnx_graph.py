@@ -149,11 +149,8 @@ def select_columns(n_models: int, keep: Sequence[int]) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "select_columns",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", n_models]) for name in EDIT_INPUTS],
-        [
-            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", len(keep)])
-            for name in HEADS_OUTPUTS
-        ],
+        batch_tensors(EDIT_INPUTS, n_models),
+        batch_tensors(HEADS_OUTPUTS, len(keep)),
         initializer=[numpy_helper.from_array(np.asarray(keep, dtype=np.int64), "keep")],
     )
     return model_of(graph)
