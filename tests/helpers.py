@@ -226,3 +226,11 @@ def killed_afterwards(bundle: Path, *extra: str) -> Iterator[router_pb2_grpc.Rou
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def send_feedback(stub, decision_id: str, score: float | None, **fields) -> router_pb2.FeedbackResponse:
+    """Feedback for a decision; score None leaves the field unset (to test that it is required)."""
+    request = router_pb2.FeedbackRequest(decision_id=decision_id, **fields)
+    if score is not None:
+        request.score = score
+    return stub.Feedback(request, timeout=30)

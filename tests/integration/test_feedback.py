@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from router.v1 import router_pb2
-from tests.helpers import killed_afterwards, router_stub, running_server
+from tests.helpers import killed_afterwards, router_stub, running_server, send_feedback
 
 PROMPT = "Which planet has the longest day in the solar system?"
 OTHERS = [
@@ -20,13 +20,6 @@ OTHERS = [
     "Name the largest desert on Earth.",
     "Who wrote the novel Middlemarch?",
 ]
-
-
-def _feedback(stub, decision_id: str, score: float | None, **fields) -> router_pb2.FeedbackResponse:
-    request = router_pb2.FeedbackRequest(decision_id=decision_id, **fields)
-    if score is not None:
-        request.score = score
-    return stub.Feedback(request, timeout=30)
 
 
 def _code(call) -> grpc.StatusCode:
@@ -41,24 +34,24 @@ def test_feedback_is_recorded_once_and_bad_feedback_is_refused(small_bundle: Pat
         routed = [stub.Route(router_pb2.RouteRequest(prompt=p), timeout=30) for p in [PROMPT, *OTHERS]]
         ids = [r.decision_id for r in routed]
         assert len(set(ids)) == len(ids) and all(len(i) == 32 for i in ids)
-        first = _feedback(stub, ids[0], 0.9, output_tokens=120, cost_usd=0.0004)
+        first = send_feedback(stub, ids[0], 0.9, output_tokens=120, cost_usd=0.0004)
         assert first.recorded and routed[0].model in first.message
-        again = _feedback(stub, ids[0], 0.1)
+        again = send_feedback(stub, ids[0], 0.1)
         assert not again.recorded and "already recorded" in again.message
         other_model = next(e.model for e in routed[0].estimates if e.model != routed[0].model)
-        assert _feedback(stub, ids[0], 0.2, model=other_model).recorded
+        assert send_feedback(stub, ids[0], 0.2, model=other_model).recorded
         cases = [
-            (lambda: _feedback(stub, "f" * 32, 0.5), grpc.StatusCode.NOT_FOUND),
-            (lambda: _feedback(stub, ids[1], 1.5), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: _feedback(stub, ids[1], None), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: _feedback(stub, ids[1], 0.5, model="gpt-9"), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: _feedback(stub, ids[1], 0.5, output_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
-            (lambda: _feedback(stub, "", 0.5), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: send_feedback(stub, "f" * 32, 0.5), grpc.StatusCode.NOT_FOUND),
+            (lambda: send_feedback(stub, ids[1], 1.5), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: send_feedback(stub, ids[1], None), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: send_feedback(stub, ids[1], 0.5, model="gpt-9"), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: send_feedback(stub, ids[1], 0.5, output_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: send_feedback(stub, "", 0.5), grpc.StatusCode.INVALID_ARGUMENT),
         ]
         for call, code in cases:
             assert _code(call) == code
         with pytest.raises(grpc.RpcError) as info:
-            _feedback(stub, ids[1], 2.0)
+            send_feedback(stub, ids[1], 2.0)
         assert info.value.details().startswith("score:")
     with sqlite3.connect(tmp_path / "feedback.sqlite") as db:
         decisions = db.execute(
@@ -80,7 +73,8 @@ def test_feedback_without_a_store_is_refused(server) -> None:
     with router_stub(server.address) as stub:
         routed = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30)
         assert routed.decision_id
-        assert _code(lambda: _feedback(stub, routed.decision_id, 0.5)) == grpc.StatusCode.FAILED_PRECONDITION
+        refused = _code(lambda: send_feedback(stub, routed.decision_id, 0.5))
+        assert refused == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_an_outcome_moves_the_estimates_within_seconds(small_bundle: Path, tmp_path: Path) -> None:
@@ -90,8 +84,8 @@ def test_an_outcome_moves_the_estimates_within_seconds(small_bundle: Path, tmp_p
         quality = {e.model: e.quality for e in before.estimates}
         worst = min(quality, key=quality.__getitem__)
         # the chosen model failed on it, the weakest one got it right
-        _feedback(stub, before.decision_id, 0.0)
-        _feedback(stub, before.decision_id, 1.0, model=worst)
+        send_feedback(stub, before.decision_id, 0.0)
+        send_feedback(stub, before.decision_id, 1.0, model=worst)
         deadline = time.monotonic() + 10
         while True:
             after = stub.Route(router_pb2.RouteRequest(prompt=PROMPT, cost_weight=0.0), timeout=30)
@@ -137,7 +131,7 @@ def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, tmp_path: Pat
     with killed_afterwards(small_bundle, "--feedback-store", f"sqlite://{path}") as stub:
         for i in range(30):
             r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} ({i})"), timeout=30)
-            if _feedback(stub, r.decision_id, (i % 10) / 10).recorded:
+            if send_feedback(stub, r.decision_id, (i % 10) / 10).recorded:
                 acknowledged.append((r.decision_id, (i % 10) / 10))
     with sqlite3.connect(path) as db:
         stored = set(db.execute("SELECT decision_id, score FROM outcomes").fetchall())
@@ -161,9 +155,9 @@ def test_logged_feedback_exports_as_a_table_and_folds_into_a_retrain(
     ):
         for i, text in enumerate(prompts):
             r = stub.Route(router_pb2.RouteRequest(prompt=text), timeout=30)
-            _feedback(stub, r.decision_id, float(i % 2), output_tokens=40 + i, cost_usd=1e-4)
+            send_feedback(stub, r.decision_id, float(i % 2), output_tokens=40 + i, cost_usd=1e-4)
             other = next(e.model for e in r.estimates if e.model != r.model)
-            _feedback(stub, r.decision_id, 0.5, model=other)
+            send_feedback(stub, r.decision_id, 0.5, model=other)
     out = tmp_path / "exported"
     assert main(["feedback", "export", "--store", f"sqlite://{path}", "--out", str(out)]) == 0
     exported = pd.read_parquet(out / "prompts.parquet")

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from router.v1 import router_pb2
-from tests.helpers import killed_afterwards, router_stub, running_server
+from tests.helpers import killed_afterwards, router_stub, running_server, send_feedback
 from tests.postgres import Postgres, running_postgres
 
 PROMPT = "Explain why the sky is blue in two sentences."
@@ -23,11 +23,6 @@ PROMPT = "Explain why the sky is blue in two sentences."
 def postgres() -> Iterator[Postgres]:
     with running_postgres() as server:
         yield server
-
-
-def _feedback(stub, decision_id: str, score: float, **fields) -> router_pb2.FeedbackResponse:
-    request = router_pb2.FeedbackRequest(decision_id=decision_id, score=score, **fields)
-    return stub.Feedback(request, timeout=30)
 
 
 def _quality(stub, request: router_pb2.RouteRequest) -> dict[str, float]:
@@ -44,13 +39,13 @@ def test_two_replicas_on_one_store_learn_from_each_other(small_bundle: Path, pos
         request = router_pb2.RouteRequest(prompt=PROMPT, cost_weight=0.0)
         on_b = _quality(stub_b, request)
         routed = stub_a.Route(request, timeout=30)
-        assert _feedback(stub_a, routed.decision_id, 0.0).recorded
+        assert send_feedback(stub_a, routed.decision_id, 0.0).recorded
         started = time.monotonic()
         while _quality(stub_b, request)[routed.model] >= on_b[routed.model]:
             assert time.monotonic() - started < 10, "replica b never saw replica a's outcome"
             time.sleep(0.2)
         # the same outcome sent to the other replica is recognised as already recorded
-        again = _feedback(stub_b, routed.decision_id, 0.0)
+        again = send_feedback(stub_b, routed.decision_id, 0.0)
         assert not again.recorded and "already recorded" in again.message
 
 
@@ -59,7 +54,7 @@ def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, postgres: Pos
     with killed_afterwards(small_bundle, "--feedback-store", postgres.url) as stub:
         for i in range(25):
             r = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} #{i}"), timeout=30)
-            if _feedback(stub, r.decision_id, 0.25).recorded:
+            if send_feedback(stub, r.decision_id, 0.25).recorded:
                 acknowledged.add(r.decision_id)
     with psycopg.connect(postgres.url) as conn:
         stored = {row[0] for row in conn.execute("SELECT decision_id FROM outcomes WHERE score = 0.25")}
@@ -77,7 +72,7 @@ def test_a_store_that_goes_down_makes_feedback_unavailable_and_route_keeps_servi
         postgres.stop("immediate")
         try:
             with pytest.raises(grpc.RpcError) as info:
-                _feedback(stub, routed.decision_id, 0.5)
+                send_feedback(stub, routed.decision_id, 0.5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             for i in range(5):
                 assert stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} {i}"), timeout=30).model
@@ -88,7 +83,7 @@ def test_a_store_that_goes_down_makes_feedback_unavailable_and_route_keeps_servi
         deadline = time.monotonic() + 20
         while True:
             try:
-                assert _feedback(stub, late.decision_id, 0.5).recorded
+                assert send_feedback(stub, late.decision_id, 0.5).recorded
                 break
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
