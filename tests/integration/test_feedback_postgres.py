@@ -75,15 +75,15 @@ def test_a_store_that_goes_down_makes_feedback_unavailable_and_route_keeps_servi
                 send_feedback(stub, routed.decision_id, 0.5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             for i in range(5):
-                assert stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} {i}"), timeout=30).model
+                while_down = stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} {i}"), timeout=30)
+                assert while_down.model
         finally:
             postgres.start()
         # back up: the decision made while it was down was kept in the queue and can now be scored
-        late = stub.Route(router_pb2.RouteRequest(prompt=PROMPT + " again"), timeout=30)
         deadline = time.monotonic() + 20
         while True:
             try:
-                assert send_feedback(stub, late.decision_id, 0.5).recorded
+                assert send_feedback(stub, while_down.decision_id, 0.5).recorded
                 break
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
