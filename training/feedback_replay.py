@@ -128,8 +128,8 @@ def replay(data_dir: Path, out: Path, seed: int = 0) -> dict:
     try:
         train_bundle(_subtable(table, small, work / "t20"), work / "b20", TrainConfig())
         train_bundle(data_dir, work / "b100", TrainConfig())
-        models = [m.name for m in Manifest.read(work / "b20").models]
-        c_ref = Manifest.read(work / "b20").policy.c_ref_usd
+        manifest = Manifest.read(work / "b20")
+        models, c_ref = [m.name for m in manifest.models], manifest.policy.c_ref_usd
         feed = train.subset(rest)
         texts = list(feed.prompts["prompt"])
         result: dict = {"table": table.name, "train_prompts": len(ids), "fed_prompts": len(texts)}
