@@ -55,15 +55,21 @@ class Estimates:
 
 
 @dataclass(frozen=True)
-class Routed:
-    """Decisions for a batch of prompts, with their estimates and where the time went (seconds)."""
+class Estimated:
+    """A batch of prompts' estimates, the features they came from, and where the time went (seconds)."""
 
-    decisions: list[Decision]
     estimates: Estimates
     features: PromptFeatures
     embed_s: float
     heads_s: float
-    policy_s: float
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Decisions for a batch of prompts, with their estimates."""
+
+    decisions: list[Decision]
+    estimates: Estimates
 
 
 class Engine:
@@ -188,24 +194,21 @@ class Engine:
         return [decide(estimates.candidates(row), p, c_ref) for row, p in enumerate(preferences)]
 
     def decide_row(self, estimates: Estimates, row: int, preferences: Preferences) -> Decision:
-        """One prompt's decision under other preferences (per-tenant budgets re-decide this way)."""
+        """One prompt's decision (the service decides row by row: budgeted tenants through their ledger)."""
         return decide(estimates.candidates(row), preferences, self.policy.c_ref_usd)
 
-    def route(self, texts: Sequence[str], preferences: Sequence[Preferences]) -> Routed:
+    def estimate_timed(self, texts: Sequence[str]) -> Estimated:
         started = time.perf_counter()
         features = self.featurize(texts)
         embedded = time.perf_counter()
         estimates = self.estimate_features(features)
-        estimated = time.perf_counter()
-        decisions = self.decide(estimates, preferences)
-        return Routed(
-            decisions,
-            estimates,
-            features,
-            embed_s=embedded - started,
-            heads_s=estimated - embedded,
-            policy_s=time.perf_counter() - estimated,
+        return Estimated(
+            estimates, features, embed_s=embedded - started, heads_s=time.perf_counter() - embedded
         )
+
+    def route(self, texts: Sequence[str], preferences: Sequence[Preferences]) -> Routed:
+        estimates = self.estimate(texts)
+        return Routed(self.decide(estimates, preferences), estimates)
 
     def self_check(self) -> None:
         """One prompt end to end: a graph that loads but computes garbage is refused here."""

@@ -70,7 +70,8 @@ class Metrics:
         self.stage_seconds = Histogram(
             "router_stage_duration_seconds",
             "Time per stage of a Route call: queue (waiting for the engine), embed (tokenize + "
-            "encoder, per batch), heads (features + heads + pricing, per batch), policy (per call).",
+            "encoder, per batch), heads (features + heads + pricing, per batch), policy (per call: the "
+            "decision, with the tenant's budget and exploration).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

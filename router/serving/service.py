@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from router.core.engine import Engine, Routed
+from router.core.engine import Engine, Estimated, Estimates
 from router.core.errors import DeadlineExceeded, FeedbackDisabled, NotReady, Overloaded, RouterError
 from router.core.feedback_store import DecisionRecord
 from router.core.manifest import ModelSpec, PresetSpec
@@ -149,48 +149,54 @@ class RouterService:
             groups.setdefault(id(job.engine), []).append(i)
         for idx in groups.values():
             engine = jobs[idx[0]].engine
-            routed = engine.route([jobs[i].prompt for i in idx], [jobs[i].prefs for i in idx])
-            m.stage_seconds.labels(stage="embed").observe(routed.embed_s)
-            m.stage_seconds.labels(stage="heads").observe(routed.heads_s)
-            m.stage_seconds.labels(stage="policy").observe(routed.policy_s)
-            input_tokens = routed.estimates.input_tokens.tolist()
-            for row, (i, decision) in enumerate(zip(idx, routed.decisions, strict=True)):
+            batch = engine.estimate_timed([jobs[i].prompt for i in idx])
+            m.stage_seconds.labels(stage="embed").observe(batch.embed_s)
+            m.stage_seconds.labels(stage="heads").observe(batch.heads_s)
+            input_tokens = batch.estimates.input_tokens.tolist()
+            policy = m.stage_seconds.labels(stage="policy")
+            for row, i in enumerate(idx):
                 job = jobs[i]
-                propensity = 1.0
-                if self.ledger is not None and self.ledger.budget(job.tenant) is not None:
-                    try:
-                        decision = self.ledger.decide(
-                            engine, routed.estimates, row, job.prefs, job.tenant, job.explicit_weight
-                        )
-                    except RouterError as exc:  # this call only (a cap refusal)
-                        results[i] = exc
-                        continue
-                if self.explore > 0:
-                    decision, propensity = explore(
-                        decision, self.explore, self._random.random(), self._random.random()
-                    )
+                deciding = time.perf_counter()
+                try:
+                    decision, propensity = self._decide(engine, batch.estimates, row, job)
+                except RouterError as exc:  # this call only (a cap refusal)
+                    results[i] = exc
+                    continue
+                finally:
+                    policy.observe(time.perf_counter() - deciding)
                 decision_id = uuid.uuid4().hex
                 results[i] = RouteResult(decision, engine.version, int(input_tokens[row]), decision_id)
                 m.record_decision(decision.model, decision.chosen.estimate.cost_usd)
                 if self.feedback is not None:
-                    records.append(self._record(decision_id, job, engine, routed, row, decision, propensity))
+                    records.append(self._record(decision_id, job, engine, batch, row, decision, propensity))
         if self.ledger is not None:
             self.ledger.flush()  # before the answers leave: what was decided on is on disk
         if self.feedback is not None:
             self.feedback.record(records)  # written off this thread, in the background
         return results  # type: ignore[return-value]
 
+    def _decide(self, engine: Engine, estimates: Estimates, row: int, job: _Job) -> tuple[Decision, float]:
+        """One call's decision, through its tenant's ledger where the budgets configure the tenant,
+        and the probability it had of being made (below 1 only for exploration)."""
+        if self.ledger is not None and self.ledger.budget(job.tenant) is not None:
+            decision = self.ledger.decide(engine, estimates, row, job.prefs, job.tenant, job.explicit_weight)
+        else:
+            decision = engine.decide_row(estimates, row, job.prefs)
+        if self.explore > 0:
+            return explore(decision, self.explore, self._random.random(), self._random.random())
+        return decision, 1.0
+
     def _record(
         self,
         decision_id: str,
         job: _Job,
         engine: Engine,
-        routed: Routed,
+        batch: Estimated,
         row: int,
         decision: Decision,
         propensity: float,
     ) -> DecisionRecord:
-        est = routed.estimates
+        est = batch.estimates
         return DecisionRecord(
             id=decision_id,
             created_at=time.time(),
@@ -204,7 +210,7 @@ class RouterService:
             cost_usd=est.cost_usd[row],
             output_tokens=est.output_tokens[row],
             input_tokens=int(est.input_tokens[row]),
-            features=routed.features.features[row],
+            features=batch.features.features[row],
             prompt=job.prompt if self.store_prompts else None,
         )
 
