@@ -21,13 +21,12 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.v1 import router_pb2, router_pb2_grpc
 from tests.helpers import LONG_PROMPT
 from tests.ops.podman import REPO, Podman
 from tests.ops.support import DEPLOY, PROMETHEUS_CONFIG, load_dashboard, load_yaml
-from training.bench import free_port
+from training.bench import free_port, wait_serving
 
 COMPOSE = DEPLOY / "compose.yaml"
 MOUNTED = "localhost/cost-aware-router:test"
@@ -71,21 +70,15 @@ class Container:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def running(self) -> bool:
+        state = self.podman("inspect", "--format", "{{.State.Status}}", self.name, check=False)
+        return state.stdout.strip() == "running"
+
     def wait_serving(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    request = health_pb2.HealthCheckRequest(service="router.v1.Router")
-                    if stub.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                state = self.podman("inspect", "--format", "{{.State.Status}}", self.name, check=False)
-                assert state.stdout.strip() == "running", self.podman("logs", self.name, check=False).stderr
-                time.sleep(0.2)
-        raise AssertionError(f"{self.name} never became SERVING")
+        try:
+            wait_serving(self.address, time.perf_counter() + timeout, alive=self.running)
+        except RuntimeError as exc:
+            raise AssertionError(f"{self.name}: {exc}\n{self.logs()[-4000:]}") from exc
 
     def logs(self) -> str:
         result = self.podman("logs", self.name, check=False)
