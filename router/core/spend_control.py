@@ -40,6 +40,7 @@ GAIN = 0.16
 SMOOTHING = 0.1
 CORRECTION_SMOOTHING = 0.02
 RATIO_RANGE = (0.1, 10.0)  # a few odd reports must not make w run away
+MAX_ERROR = 10.0  # one step of log w moves at most GAIN * this: a wild report cannot overflow w
 
 
 def initial_cost_weight(
@@ -74,7 +75,11 @@ class SpendController:
         return min(max(self.reported_usd / self.predicted_usd, RATIO_RANGE[0]), RATIO_RANGE[1])
 
     def report(self, predicted_usd: float, reported_usd: float) -> None:
-        """A caller's reported cost for one decision this controller steered."""
+        """A caller's reported cost for one decision this controller steered; taken as at most
+        RATIO_RANGE off its prediction, so that one report in the wrong unit cannot outweigh the rest."""
+        if predicted_usd > 0.0:
+            low, high = RATIO_RANGE
+            reported_usd = min(max(reported_usd, low * predicted_usd), high * predicted_usd)
         if self.average_usd is not None:
             self.average_usd += self.smoothing * (reported_usd - predicted_usd * self.correction)
         keep = 1.0 - CORRECTION_SMOOTHING
@@ -85,6 +90,6 @@ class SpendController:
         """One decision's predicted cost."""
         average = self.target_usd_per_call if self.average_usd is None else self.average_usd
         self.average_usd = average + self.smoothing * (cost_usd * self.correction - average)
-        error = self.average_usd / self.target_usd_per_call - 1.0
+        error = min(self.average_usd / self.target_usd_per_call - 1.0, MAX_ERROR)
         w = math.exp(math.log(max(self.cost_weight, W_MIN)) + self.gain * error)
         self.cost_weight = min(max(w, W_MIN), W_MAX)

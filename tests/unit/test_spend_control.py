@@ -67,3 +67,24 @@ def test_without_reports_the_correction_is_one() -> None:
     assert controller.correction == pytest.approx(0.5)
     controller.report(1e-9, 1.0)  # one absurd report cannot make w run away
     assert controller.correction <= 10.0
+
+
+def test_a_wild_reported_cost_moves_w_a_bounded_step_and_it_recovers() -> None:
+    """A reported cost a million times its prediction (a caller's unit error): the next decisions
+    must not fail (an unbounded step overflowed exp), w stays in range, and with truthful reports
+    after it the controller is back on the target."""
+    rng = np.random.default_rng(3)
+    controller = SpendController(0.01, cost_weight=0.1)
+    for _ in range(500):
+        controller.observe(_spend(controller.cost_weight, 1.0, rng))
+    controller.report(0.01, 1e4)
+    weights = []
+    for i in range(6000):
+        predicted = _spend(controller.cost_weight, 1.0, rng)
+        controller.observe(predicted)
+        if i % 5 == 0:
+            controller.report(predicted, predicted)
+        weights.append(controller.cost_weight)
+    assert all(W_MIN <= w <= W_MAX for w in weights)
+    spend = [_spend(w, 1.0, rng) for w in weights[-2000:]]
+    assert float(np.mean(spend)) == pytest.approx(0.01, rel=0.15)
