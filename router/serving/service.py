@@ -177,12 +177,14 @@ class RouterService:
 
     def _decide(self, engine: Engine, estimates: Estimates, row: int, job: _Job) -> tuple[Decision, float]:
         """One call's decision, through its tenant's ledger where the budgets configure the tenant,
-        and the probability it had of being made (below 1 only for exploration)."""
-        if self.ledger is not None and self.ledger.budget(job.tenant) is not None:
+        and the probability it had of being made (below 1 only for exploration). A tenant with a
+        hard cap is not explored: the ledger has booked the decision's cost against the cap."""
+        budget = self.ledger.budget(job.tenant) if self.ledger is not None else None
+        if self.ledger is not None and budget is not None:
             decision = self.ledger.decide(engine, estimates, row, job.prefs, job.tenant, job.explicit_weight)
         else:
             decision = engine.decide_row(estimates, row, job.prefs)
-        if self.explore > 0:
+        if self.explore > 0 and (budget is None or budget.limit_usd is None):
             return explore(decision, self.explore, self._random.random(), self._random.random())
         return decision, 1.0
 
