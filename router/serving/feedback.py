@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,13 +175,18 @@ class FeedbackService:
                     batch.append(self._reports.get_nowait())
                 except queue.Empty:
                     break
+            # A caller that has gone (cancelled, or past its deadline) cancelled its future, which
+            # then takes no answer; the others are marked running here and can no longer be.
+            batch = [(q, f) for q, f in batch if f.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 self._commit(batch)
             except Exception as exc:  # never leave a caller waiting
                 log.exception("feedback commit failed")
                 for _, future in batch:
                     if not future.done():
-                        _settle(future, error=StoreUnavailable(f"the feedback store failed: {exc}"))
+                        future.set_exception(StoreUnavailable(f"the feedback store failed: {exc}"))
 
     def _commit(self, batch: list[tuple[FeedbackQuery, Future[tuple[bool, str]]]]) -> None:
         started = time.perf_counter()
@@ -195,18 +200,13 @@ class FeedbackService:
                 if decision is None or decision.created_at < now - self.retention_s:
                     self.metrics.feedback_outcomes.labels(result="not_found").inc()
                     what = "unknown" if decision is None else "expired"
-                    _settle(
-                        future, error=NotFound(f"decision_id: {what} decision {query.decision_id[:64]!r}")
-                    )
+                    future.set_exception(NotFound(f"decision_id: {what} decision {query.decision_id[:64]!r}"))
                     continue
                 model = query.model or decision.model
                 if model not in decision.models:
                     self.metrics.feedback_outcomes.labels(result="invalid").inc()
-                    _settle(
-                        future,
-                        error=InvalidRequest(
-                            "model", f"{model[:128]!r} was not a candidate of this decision"
-                        ),
+                    future.set_exception(
+                        InvalidRequest("model", f"{model[:128]!r} was not a candidate of this decision")
                     )
                     continue
                 assert query.score is not None  # checked when submitted
@@ -225,7 +225,7 @@ class FeedbackService:
             self.metrics.feedback_store_errors.labels(op="outcome").inc()
             for _, future in batch:
                 if not future.done():
-                    _settle(future, error=StoreUnavailable(f"the feedback store is unavailable: {exc}"))
+                    future.set_exception(StoreUnavailable(f"the feedback store is unavailable: {exc}"))
             return
         self.metrics.feedback_store_seconds.labels(op="outcome").observe(time.perf_counter() - started)
         for (outcome, future, decision), new in zip(writes, recorded, strict=True):
@@ -235,9 +235,9 @@ class FeedbackService:
                 self.on_reported_cost(decision.tenant, decision.cost_usd, outcome.cost_usd)
             where = f"{outcome.model} for decision {outcome.decision_id}"
             if new:
-                _settle(future, (True, f"recorded the outcome of {where}"))
+                future.set_result((True, f"recorded the outcome of {where}"))
             else:
-                _settle(future, (False, f"an outcome of {where} was already recorded; kept it"))
+                future.set_result((False, f"an outcome of {where} was already recorded; kept it"))
 
     # -- learning ----------------------------------------------------------------------------------
 
@@ -280,19 +280,3 @@ class FeedbackService:
                 thread.join(timeout=5)
         self.flush()
         self.store.close()
-
-
-def _settle(
-    future: Future[tuple[bool, str]],
-    result: tuple[bool, str] | None = None,
-    error: BaseException | None = None,
-) -> None:
-    """Answers a caller unless it has gone: a call cancelled or past its deadline cancels its future,
-    which then takes no answer, and the rest of its commit batch must still get theirs."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-    except InvalidStateError:
-        pass
