@@ -34,6 +34,11 @@ class StoreError(Exception):
     """The store could not be reached or refused a write."""
 
 
+class StoreRejected(StoreError):
+    """The store refused the data itself (trying again will not help), e.g. a prompt with a NUL
+    character, which PostgreSQL text cannot hold."""
+
+
 @dataclass(frozen=True)
 class DecisionRecord:
     id: str
@@ -83,6 +88,7 @@ class LearnedOutcome:
     score: float
     output_tokens: float  # NaN where not reported
     features: np.ndarray
+    received_at: float
 
 
 @dataclass(frozen=True)
@@ -189,22 +195,32 @@ class SqlStore:
         return recorded
 
     def outcomes_since(self, seq: int, limit: int) -> list[LearnedOutcome]:
+        return self._learned("o.seq > ? ORDER BY o.seq LIMIT ?", (seq, limit))
+
+    def outcomes_at(self, seqs: Sequence[int]) -> list[LearnedOutcome]:
+        """The outcomes among sequence numbers `seqs` that are there now (committed since a look)."""
+        found: list[LearnedOutcome] = []
+        for start in range(0, len(seqs), 1000):  # within every database's limit on parameters
+            chunk = list(seqs[start : start + 1000])
+            found += self._learned(f"o.seq IN ({', '.join('?' * len(chunk))}) ORDER BY o.seq", chunk)
+        return found
+
+    def _learned(self, where: str, params: Sequence[object]) -> list[LearnedOutcome]:
         with self.transaction() as cur:
             cur.execute(
                 self._q(
-                    "SELECT o.seq, o.decision_id, o.model, o.score, o.output_tokens, d.features "
-                    "FROM outcomes o JOIN decisions d ON d.id = o.decision_id "
-                    "WHERE o.seq > ? ORDER BY o.seq LIMIT ?"
+                    "SELECT o.seq, o.decision_id, o.model, o.score, o.output_tokens, d.features, "
+                    f"o.received_at FROM outcomes o JOIN decisions d ON d.id = o.decision_id WHERE {where}"
                 ),
-                (seq, limit),
+                tuple(params),
             )
             rows = cur.fetchall()
         return [
             LearnedOutcome(
                 int(s), d, m, float(score), np.nan if tokens is None else float(tokens),
-                np.frombuffer(bytes(features), dtype="<f4").astype(np.float32),
+                np.frombuffer(bytes(features), dtype="<f4").astype(np.float32), float(received),
             )
-            for s, d, m, score, tokens, features in rows
+            for s, d, m, score, tokens, features, received in rows
         ]  # fmt: skip
 
     def purge(self, before: float) -> int:
@@ -274,7 +290,12 @@ class SqliteStore(SqlStore):
             except sqlite3.Error as exc:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                raise StoreError(f"sqlite {self.path}: {exc}") from exc
+                kind = (
+                    StoreRejected
+                    if isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError)
+                    else StoreError
+                )
+                raise kind(f"sqlite {self.path}: {exc}") from exc
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -311,6 +332,8 @@ class PostgresStore(SqlStore):
         try:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
                 yield cur
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            raise StoreRejected(f"postgresql: {exc}") from exc
         except (psycopg.Error, TimeoutError) as exc:
             raise StoreError(f"postgresql: {exc}") from exc
         except Exception as exc:

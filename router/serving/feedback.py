@@ -3,7 +3,9 @@ acknowledged, and the online memory kept in step with the store.
 
 - Decisions wait in a bounded queue (MAX_PENDING) that a writer thread empties into the store
   every FLUSH_S; Route never waits for the store. If the store is down the queue holds what it can
-  and then drops the oldest decisions (counted): feedback for those gets NOT_FOUND.
+  and then drops the oldest decisions (counted): feedback for those gets NOT_FOUND. A decision the
+  store refuses outright (a prompt with a NUL character kept on PostgreSQL) is set aside (counted
+  the same way), so that it does not hold up the decisions behind it.
 - An outcome is written and committed before its Feedback call is answered; outcomes reported at
   the same time share one commit (a committer thread), so a store that syncs every commit to disk
   still takes thousands of outcomes a second. Repeats of a (decision, model) pair replace nothing
@@ -11,7 +13,11 @@ acknowledged, and the online memory kept in step with the store.
   expired (NOT_FOUND) and purged from the store.
 - A sync thread reads the outcomes that reached the store since it last looked (from any replica
   sharing it) every SYNC_S, and adds them to the online memory (router/core/online.py) that the
-  engine consults: an outcome moves the estimates within seconds, on every replica.
+  engine consults: an outcome moves the estimates within seconds, on every replica. An outcome's
+  sequence number is taken when it is inserted, so on PostgreSQL another replica's transaction can
+  commit after one with a later number that a sync has already passed: a number the sync skipped
+  is looked for again for GAP_WAIT_S (a duplicate or a rolled-back write leaves one that never
+  comes). Outcomes of decisions made under a bundle with another embedding size are not learnt.
 - A newly recorded outcome of the chosen model with a `cost_usd` goes to the budgets ledger, whose
   spend controller for the decision's tenant then steers by reported rather than predicted cost
   (on the replica that received it).
@@ -32,7 +38,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.core.errors import InvalidRequest, NotFound, StoreUnavailable
-from router.core.feedback_store import DecisionRecord, Outcome, SqlStore, StoredDecision, StoreError
+from router.core.features import EXTRA_FEATURES
+from router.core.feedback_store import (
+    DecisionRecord,
+    LearnedOutcome,
+    Outcome,
+    SqlStore,
+    StoredDecision,
+    StoreError,
+    StoreRejected,
+)
 from router.core.online import OnlineMemory
 from router.serving.metrics import Metrics
 
@@ -45,6 +60,10 @@ SYNC_BATCH = 5_000
 # Outcomes committed together at most (they all wait for the one commit).
 COMMIT_BATCH = 256
 PURGE_S = 3600.0
+# How long a skipped sequence number is looked for, counted from the receipt of the outcome after
+# it: the write that took it was in progress then, and writes last milliseconds.
+GAP_WAIT_S = 30.0
+MAX_GAPS = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +110,7 @@ class FeedbackService:
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._cursor = 0
+        self._gaps: dict[int, float] = {}  # skipped sequence number -> receipt of the outcome after it
         self._stop = threading.Event()
         self._reports: queue.Queue[tuple[FeedbackQuery, Future[tuple[bool, str]]]] = queue.Queue()
         loops = (("writer", FLUSH_S, self.flush), ("sync", SYNC_S, self.sync), ("purge", PURGE_S, self.purge))
@@ -139,14 +159,35 @@ class FeedbackService:
                 return
             started = time.perf_counter()
             try:
-                self.store.record(batch)
+                try:
+                    self.store.record(batch)
+                    written = len(batch)
+                except StoreRejected:
+                    written = self._write_each(batch)
             except StoreError as exc:
                 self.metrics.feedback_store_errors.labels(op="record").inc()
                 log.warning("feedback store: %d decisions wait to be written: %s", len(batch), exc)
                 self.record(batch, front=True)
                 return
             self.metrics.feedback_store_seconds.labels(op="record").observe(time.perf_counter() - started)
-            self.metrics.decisions_logged.inc(len(batch))
+            self.metrics.decisions_logged.inc(written)
+
+    def _write_each(self, batch: list[DecisionRecord]) -> int:
+        """Writes a batch the store refused one decision at a time, setting aside those it refuses
+        on their own; how many it wrote. A store error on the way leaves the rest for the caller."""
+        written = 0
+        for i, decision in enumerate(batch):
+            try:
+                self.store.record([decision])
+                written += 1
+            except StoreRejected as exc:
+                self.metrics.feedback_dropped.inc()
+                log.warning("feedback store refused decision %s, which is not kept: %s", decision.id, exc)
+            except StoreError:
+                self.metrics.decisions_logged.inc(written)
+                del batch[:i]  # what the caller puts back in the queue
+                raise
+        return written
 
     # -- outcomes ----------------------------------------------------------------------------------
 
@@ -243,28 +284,57 @@ class FeedbackService:
 
     def sync(self) -> None:
         """Adds the outcomes the store received since the last look (any replica's) to the memory."""
-        while True:
-            started = time.perf_counter()
-            try:
+        try:
+            if self._gaps:
+                self._learn(self.store.outcomes_at(sorted(self._gaps)))
+            while True:
+                started = time.perf_counter()
                 learned = self.store.outcomes_since(self._cursor, SYNC_BATCH)
-            except StoreError as exc:
-                self.metrics.feedback_store_errors.labels(op="sync").inc()
-                log.warning("feedback store: cannot read new outcomes: %s", exc)
-                return
-            self.metrics.feedback_store_seconds.labels(op="sync").observe(time.perf_counter() - started)
-            if not learned:
-                return
-            self.memory.add(
-                [o.decision_id for o in learned],
-                np.vstack([o.features[None, :] for o in learned]),
-                [o.model for o in learned],
-                [o.score for o in learned],
-                [o.output_tokens for o in learned],
+                self.metrics.feedback_store_seconds.labels(op="sync").observe(time.perf_counter() - started)
+                self._note_gaps(learned)
+                self._learn(learned)
+                if learned:
+                    self._cursor = learned[-1].seq
+                if len(learned) < SYNC_BATCH:
+                    break
+        except StoreError as exc:
+            self.metrics.feedback_store_errors.labels(op="sync").inc()
+            log.warning("feedback store: cannot read new outcomes: %s", exc)
+        cutoff = time.time() - GAP_WAIT_S
+        newest = sorted(s for s, seen in self._gaps.items() if seen >= cutoff)[-MAX_GAPS:]
+        self._gaps = {s: self._gaps[s] for s in newest}
+
+    def _note_gaps(self, learned: list[LearnedOutcome]) -> None:
+        cutoff = time.time() - GAP_WAIT_S
+        previous = self._cursor
+        for outcome in learned:
+            # numbers before an old outcome belong to writes long finished (or purged)
+            if outcome.seq > previous + 1 and outcome.received_at >= cutoff:
+                for seq in range(max(previous + 1, outcome.seq - MAX_GAPS), outcome.seq):
+                    self._gaps[seq] = outcome.received_at
+            previous = outcome.seq
+
+    def _learn(self, learned: list[LearnedOutcome]) -> None:
+        for outcome in learned:
+            self._gaps.pop(outcome.seq, None)
+        size = self.memory.dim + len(EXTRA_FEATURES)
+        usable = [o for o in learned if o.features.size == size]
+        if len(usable) < len(learned):
+            log.warning(
+                "feedback: %d outcome(s) of decisions made under a bundle with another embedding "
+                "size are not learnt",
+                len(learned) - len(usable),
             )
-            self._cursor = learned[-1].seq
-            self.metrics.online_memory.set(len(self.memory))
-            if len(learned) < SYNC_BATCH:
-                return
+        if not usable:
+            return
+        self.memory.add(
+            [o.decision_id for o in usable],
+            np.vstack([o.features[None, :] for o in usable]),
+            [o.model for o in usable],
+            [o.score for o in usable],
+            [o.output_tokens for o in usable],
+        )
+        self.metrics.online_memory.set(len(self.memory))
 
     def purge(self) -> None:
         try:

@@ -171,8 +171,8 @@ class Metrics:
         )
         self.feedback_dropped = Counter(
             "router_feedback_decisions_dropped",
-            "Decisions dropped before reaching the feedback store (its queue was full: the store is "
-            "down or too slow).",
+            "Decisions dropped before reaching the feedback store: its queue was full (the store is "
+            "down or too slow), or the store refused the record itself.",
             registry=r,
         )
         self.feedback_outcomes = Counter(

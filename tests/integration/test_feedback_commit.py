@@ -1,6 +1,7 @@
-"""The feedback commit thread with a real SQLite store on disk: a caller that goes away (its call
+"""The feedback threads with a real SQLite store on disk: a caller that goes away (its call
 cancelled or past its deadline, which cancels its future) must not cost the outcomes committed
-with it their answers."""
+with it their answers; outcomes of decisions made under a bundle with another embedding size must
+not stop the online memory from learning the others."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from router.core.features import EXTRA_FEATURES
 from router.core.feedback_store import DecisionRecord, open_store
 from router.core.online import OnlineMemory
 from router.serving.feedback import FeedbackQuery, FeedbackService
@@ -17,7 +19,7 @@ from router.serving.metrics import Metrics
 MODELS = ("small", "large")
 
 
-def _decision(decision_id: str) -> DecisionRecord:
+def _decision(decision_id: str, embedding_dim: int = 384) -> DecisionRecord:
     return DecisionRecord(
         id=decision_id,
         created_at=time.time(),
@@ -31,7 +33,7 @@ def _decision(decision_id: str) -> DecisionRecord:
         cost_usd=np.array([1e-4, 1e-3]),
         output_tokens=np.array([100.0, 120.0]),
         input_tokens=20,
-        features=np.full(386, 0.05, dtype=np.float32),
+        features=np.full(embedding_dim + len(EXTRA_FEATURES), 0.05, dtype=np.float32),
         prompt=None,
     )
 
@@ -50,3 +52,31 @@ def test_a_cancelled_caller_leaves_the_rest_of_its_commit_batch_answered(tmp_pat
         assert service.store.decisions(["b" * 32])  # the decisions were written with the batch
     finally:
         service.close()
+
+
+def test_outcomes_of_another_embedding_size_are_left_out_and_the_rest_learnt(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'feedback.sqlite'}")
+    service = FeedbackService(store, Metrics(), OnlineMemory(384), retention_s=3600)
+    # a hot swap to a 768-dimensional bundle and back leaves both kinds of decision in the store
+    dims = {"a" * 32: 384, "b" * 32: 768, "c" * 32: 384}
+    service.record([_decision(key, dim) for key, dim in dims.items()])
+    service.start()
+    try:
+        for key in dims:
+            assert service.submit(FeedbackQuery(key, "", 1.0, None, None, None)).result(timeout=10)[0]
+        service.sync()
+        assert len(service.memory) == 2
+    finally:
+        service.close()
+    # and a restart reads them back the same way
+    again = FeedbackService(
+        open_store(f"sqlite:///{tmp_path / 'feedback.sqlite'}"),
+        Metrics(),
+        OnlineMemory(384),
+        retention_s=3600,
+    )
+    again.start()
+    try:
+        assert len(again.memory) == 2
+    finally:
+        again.close()

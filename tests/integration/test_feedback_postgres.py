@@ -88,3 +88,59 @@ def test_a_store_that_goes_down_makes_feedback_unavailable_and_route_keeps_servi
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
                 time.sleep(0.5)
+
+
+def _lower_within(stub, prompt: str, model: str, below: float, seconds: float) -> bool:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if _quality(stub, router_pb2.RouteRequest(prompt=prompt, cost_weight=0.0))[model] < below:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_an_outcome_committed_after_a_later_one_is_still_learnt(
+    small_bundle: Path, postgres: Postgres
+) -> None:
+    # Another replica's write takes its sequence number, then commits only after a later number's
+    # write has committed and been synced past.
+    late_prompt = "Name three rivers of South America and the countries they cross."
+    soon_prompt = "Write a haiku about a lighthouse in winter fog."
+    with (
+        running_server(bundle=small_bundle, feedback_store=postgres.url) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        late = stub.Route(router_pb2.RouteRequest(prompt=late_prompt, cost_weight=0.0), timeout=30)
+        soon = stub.Route(router_pb2.RouteRequest(prompt=soon_prompt, cost_weight=0.0), timeout=30)
+        late_before = _quality(stub, router_pb2.RouteRequest(prompt=late_prompt, cost_weight=0.0))[late.model]
+        soon_before = _quality(stub, router_pb2.RouteRequest(prompt=soon_prompt, cost_weight=0.0))[soon.model]
+        with psycopg.connect(postgres.url) as replica:
+            replica.execute(
+                "INSERT INTO outcomes (decision_id, model, score, received_at) VALUES (%s, %s, 0.0, %s)",
+                (late.decision_id, late.model, time.time()),
+            )
+            assert send_feedback(stub, soon.decision_id, 0.0).recorded
+            assert _lower_within(stub, soon_prompt, soon.model, soon_before * 0.9, 10)
+            replica.commit()
+        assert _lower_within(stub, late_prompt, late.model, late_before * 0.9, 10), (
+            "the outcome committed late never reached the online memory"
+        )
+
+
+def test_a_decision_the_store_refuses_does_not_hold_up_the_others(
+    small_bundle: Path, postgres: Postgres
+) -> None:
+    # PostgreSQL text cannot hold a NUL character: with --store-prompts such a decision can never
+    # be written, and the decisions queued with it must be written all the same.
+    with (
+        running_server(bundle=small_bundle, feedback_store=postgres.url, store_prompts=True) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        refused = stub.Route(router_pb2.RouteRequest(prompt="before\x00after, in one prompt"), timeout=30)
+        kept = [stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} ({i})"), timeout=30) for i in range(3)]
+        for routed in kept:
+            assert send_feedback(stub, routed.decision_id, 0.5).recorded
+        with pytest.raises(grpc.RpcError) as info:
+            send_feedback(stub, refused.decision_id, 0.5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30).model  # still serving
