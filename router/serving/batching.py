@@ -4,7 +4,8 @@ When the engine is idle a call is handed to it at once, in the same event-loop t
 never waits for a worker to wake up). While a run is in progress, calls queue up; when it finishes,
 everything queued (up to `max_batch`) goes into the next run. `max_wait_s` > 0 lets an idle engine
 wait that long for a batch to fill. Calls whose caller gave up (deadline, cancellation) are
-dropped before their run, so they cost nothing.
+dropped before their run, so they cost nothing; `run_batch` is also told which callers are still
+waiting, so that one gone during the run books nothing it decided.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
-        run_batch: Callable[[Sequence[T]], Sequence[R]],
+        run_batch: Callable[[Sequence[T], Callable[[int], bool]], Sequence[R]],
         *,
         max_batch: int,
         max_wait_s: float,
@@ -69,7 +70,12 @@ class MicroBatcher(Generic[T, R]):
             self._running = False
             return
         self._running = True
-        running = self._executor.submit(self._run_batch, [item for item, _ in batch])
+
+        def waiting(i: int) -> bool:
+            # read from the engine thread: a single attribute read of the future's state
+            return not batch[i][1].done()
+
+        running = self._executor.submit(self._run_batch, [item for item, _ in batch], waiting)
         running.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, loop, batch, done))
 
     def _finish(

@@ -53,6 +53,14 @@ class TenantBudget(BaseModel):
     on_exhausted: Literal["cheapest", "reject"] = "cheapest"
     allowed_models: list[str] | None = Field(default=None, min_length=1)
 
+    @field_validator("allowed_models")
+    @classmethod
+    def _once_each(cls, models: list[str] | None) -> list[str] | None:
+        repeated = [m for i, m in enumerate(models or []) if m in (models or [])[:i]]
+        if repeated:
+            raise ValueError(f"lists {repeated[0]!r} more than once")
+        return models
+
     @model_validator(mode="after")
     def _says_something(self) -> TenantBudget:
         if self.target_usd_per_1k is None and self.limit_usd is None and self.allowed_models is None:

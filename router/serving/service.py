@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -107,10 +107,11 @@ class RouterService:
             raise Overloaded(f"more than {self.limits.max_in_flight} calls in flight; retry with backoff")
         engine = self.store.active.engine
         tenant = tenant_of(query.tenant)
+        prefs = validate(query, engine, self.limits)  # what the caller asked, within the server's limits
         if self.ledger is not None and self.ledger.budget(tenant) is not None:
             allowed = self.ledger.allowed_models(tenant, query.allowed_models, engine.models)
-            query = dataclasses.replace(query, allowed_models=allowed)
-        prefs = validate(query, engine, self.limits)
+            if allowed != query.allowed_models:  # the tenant's list, which the file has checked
+                prefs = dataclasses.replace(prefs, allowed_models=frozenset(allowed))
         explicit = query.cost_weight is not None or bool(query.preset)
         self._in_flight += 1
         self._idle.clear()
@@ -134,9 +135,11 @@ class RouterService:
             log.info("routed prompt %r -> %s", query.prompt[:2000], result.decision.model)
         return result
 
-    def _run_batch(self, jobs: Sequence[_Job]) -> list[RouteResult]:
+    def _run_batch(self, jobs: Sequence[_Job], waiting: Callable[[int], bool]) -> list[RouteResult]:
         """Runs in the engine thread: one engine run per bundle present in the batch (a swap can
-        leave calls admitted under the old bundle beside calls under the new one)."""
+        leave calls admitted under the old bundle beside calls under the new one). A call whose
+        caller stopped waiting during the run (`waiting`) is not decided: its tenant's spend is not
+        booked and no decision is recorded for it."""
         started = time.perf_counter()
         m = self.metrics
         for job in jobs:
@@ -156,6 +159,9 @@ class RouterService:
             policy = m.stage_seconds.labels(stage="policy")
             for row, i in enumerate(idx):
                 job = jobs[i]
+                if not waiting(i):
+                    results[i] = DeadlineExceeded("the caller stopped waiting before the decision")
+                    continue
                 deciding = time.perf_counter()
                 try:
                     decision, propensity = self._decide(engine, batch.estimates, row, job)

@@ -137,6 +137,20 @@ def test_a_tenant_allow_list_bounds_the_choice_and_names_are_checked(
             assert info.value.details().startswith(f"{field}:")
 
 
+def test_a_tenant_allow_list_longer_than_a_request_may_give_still_serves_plain_requests(
+    server, tmp_path: Path
+) -> None:
+    budgets = tmp_path / "budgets.yaml"
+    _write(budgets, "tenants:\n  wide: {allowed_models: [gemma-7b, Yi-6B, gemini-1.5-pro-002]}\n")
+    settings = {"budgets": budgets, "spend_store": tmp_path / "s.sqlite", "max_allowed_models": 2}
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        r = _route(stub, PROMPTS[1], "wide", cost_weight=0.0)
+        assert {e.model for e in r.estimates if e.eligible} == {"gemma-7b", "Yi-6B", "gemini-1.5-pro-002"}
+        with pytest.raises(grpc.RpcError) as info:  # the request's own list is still held to the limit
+            _route(stub, PROMPTS[1], "wide", allowed_models=["gemma-7b", "Yi-6B", "gemini-1.5-pro-002"])
+        assert info.value.details().startswith("allowed_models:") and "limit is 2" in info.value.details()
+
+
 def test_a_budgets_file_edited_under_load_takes_effect_and_a_broken_one_is_refused(
     server, budgets: Path, tmp_path: Path
 ) -> None:
@@ -171,6 +185,10 @@ def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
     code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "tenants.bad.on_exhausted" in err and "Traceback" not in err
+    _write(path, "tenants:\n  twice: {allowed_models: [gemma-7b, Yi-6B, gemma-7b]}\n")
+    code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tenants.twice.allowed_models" in err and "'gemma-7b' more than once" in err
 
 
 def test_reported_costs_steer_a_spend_target_by_the_bill(server, tmp_path: Path, typical_cost: float) -> None:
@@ -228,3 +246,30 @@ def test_spend_acted_on_survives_sigkill(small_bundle: Path, tmp_path: Path) -> 
             "SELECT SUM(spent_usd), SUM(calls) FROM spend WHERE tenant = 'durable'"
         ).fetchone()
     assert calls == 25 and spent == pytest.approx(sum(costs), rel=1e-9)
+
+
+def test_calls_whose_deadline_passes_during_their_run_book_no_spend(server, tmp_path: Path) -> None:
+    """A batch of long prompts gathered for 20 ms, with deadlines that pass while the engine runs:
+    the callers get DEADLINE_EXCEEDED and the tenant is charged only for the calls answered."""
+    budgets = tmp_path / "budgets.yaml"
+    _write(budgets, "tenants:\n  hurried: {limit_usd: 1000.0}\n")
+    settings = {"budgets": budgets, "spend_store": tmp_path / "s.sqlite", "max_batch_wait_ms": 20.0}
+    prompt = " ".join(PROMPTS) * 12  # the embedder reads its whole window
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        _route(stub, prompt, "warm-up")
+        request = router_pb2.RouteRequest(prompt=prompt, tenant="hurried")
+        calls = [stub.Route.future(request, timeout=0.1) for _ in range(32)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        _route(stub, prompt, "after")  # runs after the batch of those calls has finished
+        metrics = srv.server.metrics
+        batches = metrics.registry.get_sample_value("router_batch_size_count")
+        booked = metrics.tenant_calls.labels(tenant="hurried")._value.get()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes and batches >= 3  # they reached the engine
+    assert booked == codes.count(grpc.StatusCode.OK)
