@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -50,6 +51,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from router.core.feedback_store import StoreError
     from router.serving.budgets import BudgetsError
     from router.serving.config import ServeSettings
     from router.serving.server import serve
@@ -71,6 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"bundle {settings.bundle} refused: {exc}") from exc
     except BudgetsError as exc:
         raise CliError(f"budgets refused: {exc}") from exc
+    except StoreError as exc:
+        raise CliError(f"feedback store refused: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise CliError(f"spend store {settings.spend_store} refused: {exc}") from exc
     except OSError as exc:
         raise CliError(str(exc)) from exc
     return 0

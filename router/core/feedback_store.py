@@ -312,18 +312,20 @@ class PostgresStore(SqlStore):
     BLOB = "BYTEA"
 
     def __init__(self, url: str) -> None:
+        import psycopg
         from psycopg_pool import ConnectionPool
 
         self.url = url
         try:
+            # One plain connection first: the pool would only say that it timed out, where this
+            # names the cause (refused, unknown host, wrong password, no such database).
+            psycopg.connect(url, connect_timeout=10).close()
             self._pool = ConnectionPool(url, min_size=1, max_size=4, open=True, timeout=10)
             with self.transaction() as cur:
                 for statement in self.schema():
                     cur.execute(statement)
-        except StoreError:
-            raise
         except Exception as exc:  # psycopg raises its own types for an unreachable server
-            raise StoreError(f"postgresql: {exc}") from exc
+            raise StoreError(f"{shown(url)}: {_without_password(str(exc), url)}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
@@ -345,6 +347,20 @@ class PostgresStore(SqlStore):
         self._pool.close()
 
 
+def shown(url: str) -> str:
+    """`url` fit for a message or a log: without its password."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
+
+
+def _without_password(message: str, url: str) -> str:
+    password = urlparse(url).password
+    return message.replace(password, "***") if password else message
+
+
 def open_store(url: str) -> SqlStore:
     """A store from `sqlite:///PATH` or `postgresql://...`; StoreError if it cannot be opened."""
     parsed = urlparse(url)
@@ -358,4 +374,4 @@ def open_store(url: str) -> SqlStore:
             raise StoreError(f"{url}: {exc}") from exc
     if parsed.scheme in ("postgresql", "postgres"):
         return PostgresStore(url)
-    raise StoreError(f"{url}: the feedback store must be sqlite:///PATH or postgresql://...")
+    raise StoreError(f"{shown(url)}: the feedback store must be sqlite:///PATH or postgresql://...")

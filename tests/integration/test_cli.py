@@ -149,6 +149,27 @@ def test_user_errors_are_one_line_and_exit_2(small_bundle: Path, tmp_path: Path)
         assert "Traceback" not in result.stderr
 
 
+def test_serve_refuses_a_feedback_store_it_cannot_open_without_showing_its_password(
+    small_bundle: Path,
+) -> None:
+    from training.bench import free_port
+
+    nobody = f"postgresql://router:s3cret-pw@127.0.0.1:{free_port()}/feedback"
+    cases = [
+        ("mysql://router:s3cret-pw@db.example/feedback", "must be sqlite:///PATH or postgresql://"),
+        (nobody, "refused"),  # libpq's own words: nothing listens on that port
+    ]
+    for url, message in cases:
+        result = run(
+            "serve", "--bundle", str(small_bundle), "--port", "0", "--metrics-port", "0",
+            "--feedback-store", url, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, (url, result.stderr)
+        assert "feedback store refused" in result.stderr and message in result.stderr, result.stderr
+        assert "s3cret-pw" not in result.stderr and "router:***@" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def _faulty(small_bundle: Path, tmp_path: Path, fault: str) -> Path:
     from router.core.embedder import file_sha256
 
