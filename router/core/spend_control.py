@@ -18,7 +18,8 @@ the target is the billed one); and every prediction is scaled by the ratio of re
 predicted cost over the decisions reported (exponentially weighted, CORRECTION_SMOOTHING per
 report), which corrects the decisions nobody reports and those not reported yet. The ratio
 follows the mix, since estimates are off by different amounts for different kinds of prompt; it
-starts at 1 and stays there without feedback. State: w, the moving average and the two sums.
+starts at 1 and stays there without feedback. State (`ControllerState`, what a restart resumes
+from): w, the moving average and the two sums; a changed target is followed from that state.
 
 It starts from the bundle's calibrated spend curve (`PolicySpec.spend_curve`: mean predicted cost
 per call against w, measured on validation), read off at the target, or from the bundle's default
@@ -57,6 +58,14 @@ def initial_cost_weight(
     return min(max(w, W_MIN), W_MAX)
 
 
+@dataclass(frozen=True)
+class ControllerState:
+    cost_weight: float
+    average_usd: float | None
+    reported_usd: float
+    predicted_usd: float
+
+
 @dataclass
 class SpendController:
     target_usd_per_call: float
@@ -66,6 +75,20 @@ class SpendController:
     average_usd: float | None = None  # the moving average of spend per call; starts at the target
     reported_usd: float = 0.0  # exponentially weighted sums over the decisions with a reported cost
     predicted_usd: float = 0.0
+
+    @classmethod
+    def resume(cls, target_usd_per_call: float, state: ControllerState) -> SpendController:
+        return cls(
+            target_usd_per_call,
+            min(max(state.cost_weight, W_MIN), W_MAX),
+            average_usd=state.average_usd,
+            reported_usd=state.reported_usd,
+            predicted_usd=state.predicted_usd,
+        )
+
+    @property
+    def state(self) -> ControllerState:
+        return ControllerState(self.cost_weight, self.average_usd, self.reported_usd, self.predicted_usd)
 
     @property
     def correction(self) -> float:

@@ -49,7 +49,7 @@ class TenantBudget(BaseModel):
 
     target_usd_per_1k: float | None = Field(default=None, gt=0)
     limit_usd: float | None = Field(default=None, gt=0)
-    window_s: float = Field(default=86400.0, gt=0)
+    window_s: float = Field(default=86400.0, ge=1)
     on_exhausted: Literal["cheapest", "reject"] = "cheapest"
     allowed_models: list[str] | None = Field(default=None, min_length=1)
 

@@ -205,10 +205,12 @@ class FeedbackService:
         return future
 
     def _commit_loop(self) -> None:
-        while not self._stop.is_set():
+        while True:
             try:
                 first = self._reports.get(timeout=0.1)
             except queue.Empty:
+                if self._stop.is_set():  # only once what was queued before the stop is committed
+                    return
                 continue
             batch = [first]
             while len(batch) < COMMIT_BATCH:
@@ -348,5 +350,12 @@ class FeedbackService:
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout=5)
+        while True:  # outcomes the commit thread did not reach: their callers are told, not left waiting
+            try:
+                _, future = self._reports.get_nowait()
+            except queue.Empty:
+                break
+            if future.set_running_or_notify_cancel():
+                future.set_exception(StoreUnavailable("the server is shutting down; send it again"))
         self.flush()
         self.store.close()

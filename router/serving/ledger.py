@@ -15,9 +15,12 @@ tenant's calls share a batch. For a tenant the budgets file configures:
   is left. The cap holds whatever the request asks.
 
 Spend, for the caps, is the predicted cost of the chosen model, known when the decision is made.
-It is written to the spend store after each batch and read back at start-up. The spend target
-steers by the reported cost where outcome feedback brings one (`reported_cost`): its controller
-scales predictions by what callers report against what was predicted.
+It is written to the spend store after each batch and read back at start-up, with each spend
+controller's state, so that a restart neither resets a cap nor restarts a controller from its
+first guess. The spend target steers by the reported cost where outcome feedback brings one
+(`reported_cost`): its controller scales predictions by what callers report against what was
+predicted. Spend of windows that started more than RETENTION_S (or two of the longest configured
+windows) ago is dropped, from memory and store, at start-up and hourly after.
 Tenants the file does not configure are routed as if there were no budgets.
 """
 
@@ -41,6 +44,9 @@ from router.serving.spend_store import SpendStore
 
 log = logging.getLogger(__name__)
 
+RETENTION_S = 7 * 86400
+PRUNE_EVERY_S = 3600.0
+
 
 def window_start(now: float, window_s: float) -> int:
     return int(math.floor(now / window_s) * window_s)
@@ -58,8 +64,10 @@ class Ledger:
         self.store = store
         self.metrics = metrics
         self.clock = clock
+        self._pruned_at = -math.inf
+        self._prune_store()
         self._spent = store.spend()
-        self._saved_weights = store.cost_weights()
+        self._saved = store.controllers()
         self._controllers: dict[str, SpendController] = {}
         self._pending: dict[tuple[str, int], tuple[float, int]] = {}
         self._configured: set[str] = set()
@@ -176,10 +184,15 @@ class Ledger:
         controller = self._controllers.get(tenant)
         if controller is None:
             target = budget.target_usd_per_1k / 1000.0
-            start = self._saved_weights.get(tenant) or initial_cost_weight(
-                engine.policy.spend_curve, target, engine.policy.default_cost_weight
-            )
-            controller = self._controllers[tenant] = SpendController(target, start)
+            saved = self._saved.get(tenant)
+            if saved is not None:
+                controller = SpendController.resume(target, saved)
+            else:
+                start = initial_cost_weight(
+                    engine.policy.spend_curve, target, engine.policy.default_cost_weight
+                )
+                controller = SpendController(target, start)
+            self._controllers[tenant] = controller
         return controller
 
     def _record(
@@ -205,11 +218,23 @@ class Ledger:
         with self._lock:
             if not self._pending:
                 return
-            weights = {t: c.cost_weight for t, c in self._controllers.items()}
-            self.store.add(self._pending, weights)
+            states = {t: c.state for t, c in self._controllers.items()}
+            self.store.add(self._pending, states)
             self._pending = {}
-            self._saved_weights |= weights
+            self._saved |= states
+            if self.clock() - self._pruned_at >= PRUNE_EVERY_S:
+                before = self._prune_store()
+                self._spent = {k: v for k, v in self._spent.items() if k[1] >= before}
             self._update_gauges()
+
+    def _prune_store(self) -> int:
+        """Drops spend too old for any configured window; the oldest window start kept."""
+        now = self.clock()
+        longest = max((b.window_s for b in self.watch.budgets.tenants.values()), default=0.0)
+        before = int(now - max(RETENTION_S, 2 * longest))
+        self.store.prune(before)
+        self._pruned_at = now
+        return before
 
     def _update_gauges(self) -> None:
         now = self.clock()

@@ -86,6 +86,7 @@ class RouterService:
         self.log_prompts = log_prompts
         self._random = random.Random()  # exploration draws; their propensity is logged
         self._in_flight = 0
+        self._reporting = 0  # Feedback calls waiting on their commit: a drain waits for them too
         self._accepting = True
         self._idle = asyncio.Event()
         self._idle.set()
@@ -129,7 +130,7 @@ class RouterService:
                 expiry.cancel()
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self._reporting == 0:
                 self._idle.set()
         if self.log_prompts:  # opt-in only: prompts may hold secrets or personal data
             log.info("routed prompt %r -> %s", query.prompt[:2000], result.decision.model)
@@ -226,7 +227,14 @@ class RouterService:
         """Records an outcome (Feedback); the store's work runs off the event loop."""
         if self.feedback is None:
             raise FeedbackDisabled("feedback is off: start router serve with --feedback-store URL")
-        return await asyncio.wrap_future(self.feedback.submit(query))
+        self._reporting += 1
+        self._idle.clear()
+        try:
+            return await asyncio.wrap_future(self.feedback.submit(query))
+        finally:
+            self._reporting -= 1
+            if self._in_flight == 0 and self._reporting == 0:
+                self._idle.set()
 
     # -- what it reports -------------------------------------------------------------------
 
@@ -257,7 +265,8 @@ class RouterService:
         self._accepting = False
 
     async def drain(self, grace_s: float) -> bool:
-        """Waits for admitted calls to finish; True if they all did within the grace period."""
+        """Waits for admitted calls (Route and Feedback) to finish; True if they all did within the
+        grace period. Feedback is still taken while draining: outcomes of decisions already made."""
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
             return True

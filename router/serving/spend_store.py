@@ -14,11 +14,19 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from router.core.spend_control import ControllerState
+
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spend (tenant TEXT NOT NULL, window_start INTEGER NOT NULL, "
     "spent_usd REAL NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY (tenant, window_start))",
     "CREATE TABLE IF NOT EXISTS controller (tenant TEXT PRIMARY KEY, cost_weight REAL NOT NULL)",
 )
+# Added to `controller` after its first release; a file written before gets them on open.
+CONTROLLER_COLUMNS = {
+    "average_usd": "REAL",
+    "reported_usd": "REAL NOT NULL DEFAULT 0",
+    "predicted_usd": "REAL NOT NULL DEFAULT 0",
+}
 
 
 class SpendStore:
@@ -31,22 +39,31 @@ class SpendStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         for statement in SCHEMA:
             self._db.execute(statement)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(controller)")}
+        for column, kind in CONTROLLER_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE controller ADD COLUMN {column} {kind}")
 
     def spend(self) -> dict[tuple[str, int], float]:
         with self._lock:
             rows = self._db.execute("SELECT tenant, window_start, spent_usd FROM spend").fetchall()
         return {(t, int(w)): float(s) for t, w, s in rows}
 
-    def cost_weights(self) -> dict[str, float]:
+    def controllers(self) -> dict[str, ControllerState]:
         with self._lock:
-            rows = self._db.execute("SELECT tenant, cost_weight FROM controller").fetchall()
-        return {t: float(w) for t, w in rows}
+            rows = self._db.execute(
+                "SELECT tenant, cost_weight, average_usd, reported_usd, predicted_usd FROM controller"
+            ).fetchall()
+        return {
+            t: ControllerState(float(w), None if a is None else float(a), float(r), float(p))
+            for t, w, a, r, p in rows
+        }
 
     def add(
-        self, spend: Mapping[tuple[str, int], tuple[float, int]], cost_weights: Mapping[str, float]
+        self, spend: Mapping[tuple[str, int], tuple[float, int]], controllers: Mapping[str, ControllerState]
     ) -> None:
-        """Adds (USD, calls) to each (tenant, window) and sets the controllers' w, in one transaction."""
-        if not spend and not cost_weights:
+        """Adds (USD, calls) to each (tenant, window) and sets the controllers' state, in one transaction."""
+        if not spend and not controllers:
             return
         with self._lock:
             self._db.execute("BEGIN")
@@ -57,14 +74,24 @@ class SpendStore:
                     [(t, w, usd, n) for (t, w), (usd, n) in spend.items()],
                 )
                 self._db.executemany(
-                    "INSERT INTO controller VALUES (?, ?) ON CONFLICT (tenant) DO UPDATE "
-                    "SET cost_weight = excluded.cost_weight",
-                    list(cost_weights.items()),
+                    "INSERT INTO controller (tenant, cost_weight, average_usd, reported_usd, predicted_usd) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant) DO UPDATE SET "
+                    "cost_weight = excluded.cost_weight, average_usd = excluded.average_usd, "
+                    "reported_usd = excluded.reported_usd, predicted_usd = excluded.predicted_usd",
+                    [
+                        (t, c.cost_weight, c.average_usd, c.reported_usd, c.predicted_usd)
+                        for t, c in controllers.items()
+                    ],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def prune(self, before: int) -> int:
+        """Deletes the spend of windows that started before `before` (Unix time); how many rows."""
+        with self._lock:
+            return self._db.execute("DELETE FROM spend WHERE window_start < ?", (before,)).rowcount
 
     def close(self) -> None:
         with self._lock:

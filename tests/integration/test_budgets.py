@@ -189,6 +189,10 @@ def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
     code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "tenants.twice.allowed_models" in err and "'gemma-7b' more than once" in err
+    _write(path, "tenants:\n  blink: {limit_usd: 1.0, window_s: 0.5}\n")
+    code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tenants.blink.window_s" in err
 
 
 def test_reported_costs_steer_a_spend_target_by_the_bill(server, tmp_path: Path, typical_cost: float) -> None:
@@ -273,3 +277,53 @@ def test_calls_whose_deadline_passes_during_their_run_book_no_spend(server, tmp_
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes and batches >= 3  # they reached the engine
     assert booked == codes.count(grpc.StatusCode.OK)
+
+
+def test_a_spend_controller_resumes_across_a_restart_where_it_stopped(
+    server, tmp_path: Path, typical_cost: float
+) -> None:
+    """The same calls, once through one process and once with a restart halfway: the w each call
+    is given is the same, so the restart kept the controller's whole state, not only its w."""
+    budgets = tmp_path / "budgets.yaml"
+    _write(budgets, f"tenants:\n  steered: {{target_usd_per_1k: {500 * typical_cost!r}}}\n")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(24)]
+
+    def weights(store: Path, calls: list[str]) -> list[float]:
+        with (
+            running_server(bundle=server.settings.bundle, budgets=budgets, spend_store=store) as srv,
+            router_stub(srv.address) as stub,
+        ):
+            return [_route(stub, p, "steered").cost_weight for p in calls]
+
+    once = weights(tmp_path / "once.sqlite", prompts)
+    restarted = weights(tmp_path / "twice.sqlite", prompts[:12])
+    restarted += weights(tmp_path / "twice.sqlite", prompts[12:])
+    assert len(set(once)) > 3, "the controller moved w"
+    assert restarted == pytest.approx(once, rel=1e-12)
+
+
+def test_a_spend_store_written_before_controller_state_was_kept_opens_and_prunes(tmp_path: Path) -> None:
+    import sqlite3
+
+    from router.core.spend_control import ControllerState
+    from router.serving.spend_store import SpendStore
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the layout of the first release
+        db.execute(
+            "CREATE TABLE spend (tenant TEXT NOT NULL, window_start INTEGER NOT NULL, "
+            "spent_usd REAL NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY (tenant, window_start))"
+        )
+        db.execute("CREATE TABLE controller (tenant TEXT PRIMARY KEY, cost_weight REAL NOT NULL)")
+        db.execute("INSERT INTO controller VALUES ('old', 0.25)")
+        db.executemany("INSERT INTO spend VALUES ('old', ?, 1.5, 3)", [(0,), (86400,), (172800,)])
+    db.close()
+    store = SpendStore(path)
+    assert store.controllers() == {"old": ControllerState(0.25, None, 0.0, 0.0)}
+    store.add({("old", 172800): (0.5, 1)}, {"new": ControllerState(0.1, 0.002, 0.3, 0.2)})
+    assert store.prune(86400) == 1
+    assert store.spend() == {("old", 86400): 1.5, ("old", 172800): 2.0}
+    store.close()
+    store = SpendStore(path)
+    assert store.controllers()["new"] == ControllerState(0.1, 0.002, 0.3, 0.2)
+    store.close()

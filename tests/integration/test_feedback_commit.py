@@ -1,7 +1,8 @@
 """The feedback threads with a real SQLite store on disk: a caller that goes away (its call
 cancelled or past its deadline, which cancels its future) must not cost the outcomes committed
 with it their answers; outcomes of decisions made under a bundle with another embedding size must
-not stop the online memory from learning the others."""
+not stop the online memory from learning the others; outcomes still queued when the service
+closes must be committed or answered, never left waiting."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from router.core.errors import StoreUnavailable
 from router.core.features import EXTRA_FEATURES
 from router.core.feedback_store import DecisionRecord, open_store
 from router.core.online import OnlineMemory
@@ -78,5 +80,29 @@ def test_outcomes_of_another_embedding_size_are_left_out_and_the_rest_learnt(tmp
     again.start()
     try:
         assert len(again.memory) == 2
+    finally:
+        again.close()
+
+
+def test_outcomes_queued_when_the_service_closes_are_committed_or_answered(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
+    service = FeedbackService(open_store(url), Metrics(), OnlineMemory(384), retention_s=3600)
+    ids = [f"{i:032x}" for i in range(600)]
+    service.record([_decision(key) for key in ids])
+    service.start()
+    futures = [service.submit(FeedbackQuery(key, "", 1.0, None, None, None)) for key in ids]
+    service.close()  # as a SIGTERM's drain ends: with most of them still queued
+    answered = []
+    for future in futures:
+        assert future.done(), "a caller was left waiting"
+        try:
+            answered.append(future.result()[0])
+        except StoreUnavailable:
+            answered.append(False)
+    assert any(answered)
+    again = FeedbackService(open_store(url), Metrics(), OnlineMemory(384), retention_s=3600)
+    again.start()
+    try:
+        assert len(again.memory) == sum(answered)  # each one acknowledged is in the store
     finally:
         again.close()
