@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +34,7 @@ from router.core.manifest import (
     TrainingSpec,
 )
 from training.embedder_export import ExportedEmbedder
+from training.outputs import BUNDLE_MARKER, replaced_dir
 from training.reference import CALIBRATION_FILE, OUTCOMES_FILE, Reference
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -123,28 +124,25 @@ def rewrite_bundle(
         HEADS_FILE: heads_graph,
         **reference.files(),
     }
-    return publish(out_dir, manifest, files)
+    return publish(out_dir, manifest, files, inputs=[source.root])
 
 
-def publish(out_dir: Path, manifest: Manifest, files: Mapping[str, Path | bytes]) -> Manifest:
+def publish(
+    out_dir: Path, manifest: Manifest, files: Mapping[str, Path | bytes], inputs: Sequence[Path] = ()
+) -> Manifest:
     """Writes `files` and the manifest (with their checksums) into a staging directory, opens it as
     the service would, and only then moves it to `out_dir`."""
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for relative, content in files.items():
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            shutil.copyfile(content, target)
-    sealed = Manifest.model_validate(
-        manifest.model_dump() | {"files": {rel: file_sha256(staging / rel) for rel in files}}
-    )
-    sealed.write(staging)
-    bundle, _ = open_engine(staging, provider="cpu")  # refuses exactly what the service would
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with replaced_dir(out_dir, BUNDLE_MARKER, inputs) as staging:
+        for relative, content in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copyfile(content, target)
+        sealed = Manifest.model_validate(
+            manifest.model_dump() | {"files": {rel: file_sha256(staging / rel) for rel in files}}
+        )
+        sealed.write(staging)
+        bundle, _ = open_engine(staging, provider="cpu")  # refuses exactly what the service would
     return bundle.manifest

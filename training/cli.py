@@ -13,7 +13,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from training.errors import FleetError, TableError
+from training.errors import FleetError, OutputError, TableError
+from training.outputs import BUNDLE_MARKER, TABLE_MARKER, check_dir, check_file, writable_dir
 
 # What these commands import; checked up front, without importing it (torch alone takes seconds).
 REQUIRED = ("torch", "transformers", "lightgbm", "onnx", "onnxmltools", "pandas", "pyarrow", "matplotlib")
@@ -28,6 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         precision=args.precision, seed=args.seed, max_prompts=args.max_prompts, feedback=args.feedback
     )
+    check_dir(Path(args.out), BUNDLE_MARKER, inputs=[Path(args.data)])  # before minutes of training
     manifest = train_bundle(Path(args.data), Path(args.out), config)
     figures = manifest.training.validation_metrics
     print(f"bundle {manifest.bundle_version} written to {args.out}")
@@ -48,7 +50,7 @@ def _convert(args: argparse.Namespace) -> int:
         table = load_routerbench(Path(args.source), Path(args.prices), name=name)
     else:
         table = load_lm_eval(Path(args.source), Path(args.prices), name=name, metric=args.metric)
-    write_canonical(table, Path(args.out))
+    write_canonical(table, check_dir(Path(args.out), TABLE_MARKER, inputs=[Path(args.source)]))
     print(
         f"wrote {len(table.prompts)} prompts, {len(table.outcomes)} outcomes, "
         f"{len(table.models)} models to {args.out}"
@@ -59,7 +61,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict_to_parquet
 
-    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, Path(args.out))
+    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, check_file(Path(args.out)))
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
@@ -67,7 +69,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from training.report import evaluate_bundle
 
-    figures = evaluate_bundle(Path(args.bundle), Path(args.data), args.split, Path(args.report))
+    report = writable_dir(Path(args.report))
+    figures = evaluate_bundle(Path(args.bundle), Path(args.data), args.split, report)
     r, k = figures["router"], figures["knn"]
     print(
         f"{figures['table']} ({args.split}, {r['prompts']} prompts): gap closed {r['gap_closed']:.3f} "
@@ -101,12 +104,17 @@ def _bench(args: argparse.Namespace) -> int:
 def _anchors(args: argparse.Namespace) -> int:
     from training.fleet import choose_anchors
 
+    out = check_file(Path(args.out))
     anchors = choose_anchors(Path(args.bundle), Path(args.data), args.n, seed=args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     anchors.to_parquet(out, index=False)
     print(f"wrote {len(anchors)} anchor prompts to {out}")
     return 0
+
+
+def _new_version(args: argparse.Namespace) -> None:
+    """A fleet change writes a new version beside its bundle, never over it: a server watching
+    the old one keeps it until the hot swap points elsewhere."""
+    check_dir(Path(args.out), BUNDLE_MARKER, inputs=[Path(args.bundle)])
 
 
 def _changed(manifest: Any, out: str) -> int:
@@ -120,6 +128,7 @@ def _changed(manifest: Any, out: str) -> int:
 def _add_model(args: argparse.Namespace) -> int:
     from training.fleet import add_model, read_scored
 
+    _new_version(args)
     scored = read_scored(Path(args.prompts), Path(args.outcomes), args.model)
     manifest = add_model(
         Path(args.bundle),
@@ -137,12 +146,14 @@ def _add_model(args: argparse.Namespace) -> int:
 def _remove_model(args: argparse.Namespace) -> int:
     from training.fleet import remove_model
 
+    _new_version(args)
     return _changed(remove_model(Path(args.bundle), Path(args.out), args.model), args.out)
 
 
 def _reprice(args: argparse.Namespace) -> int:
     from training.fleet import reprice
 
+    _new_version(args)
     return _changed(reprice(Path(args.bundle), Path(args.out), Path(args.prices)), args.out)
 
 
@@ -260,4 +271,4 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     )
     p.add_argument("--out", required=True)
     p.set_defaults(func=_reprice)
-    return (TableError, FleetError)
+    return (TableError, FleetError, OutputError)

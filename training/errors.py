@@ -9,3 +9,7 @@ class TableError(ValueError):
 
 class FleetError(ValueError):
     """A fleet change (anchors, add-model, remove-model, reprice) refused; the message says why."""
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written, or whose replacement would destroy something else."""

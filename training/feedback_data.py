@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from router.core.feedback_store import StoreError, open_store
+from router.core.feedback_store import StoreError, open_store, shown, sqlite_path
 from training.errors import TableError
+from training.outputs import TABLE_MARKER, replaced_dir
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,14 @@ class FeedbackRows:
 
 def _rows(url: str) -> list:
     try:
-        store = open_store(url)
+        store = open_store(url, create=False)
         try:
             return list(store.export())
         finally:
             store.close()
     except StoreError as exc:
-        raise TableError(f"feedback store {url}: {exc}") from exc
+        message = str(exc)  # most already name the store, none with its password
+        raise TableError(message if shown(url) in message else f"{shown(url)}: {message}") from exc
 
 
 def load_feedback(url: str, models: list[str], n_features: int) -> FeedbackRows:
@@ -107,24 +109,19 @@ def export_feedback(url: str, out_dir: Path) -> tuple[int, int]:
     features = pd.DataFrame(
         {"prompt_id": prompts["prompt_id"], "features": [r.decision.features.tolist() for r in rows]}
     )
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    staging.mkdir(parents=True, exist_ok=True)
-    prompts.to_parquet(staging / "prompts.parquet", index=False)
-    outcomes.astype({"output_tokens": "Int64", "input_tokens": "Int64"}).to_parquet(
-        staging / "outcomes.parquet", index=False
-    )
-    models.to_csv(staging / "models.csv", index=False)
-    features.to_parquet(staging / "features.parquet", index=False)
-    (staging / "README.md").write_text(
-        "# Feedback\n\nExported from a feedback store by `router feedback export`: one prompt per "
-        "decision with outcomes (text only where it was stored), features.parquet with the stored "
-        "head features, models.csv without prices.\n",
-        encoding="utf-8",
-    )
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    with replaced_dir(
+        out_dir, TABLE_MARKER, inputs=[p for p in [sqlite_path(url)] if p is not None]
+    ) as staging:
+        prompts.to_parquet(staging / "prompts.parquet", index=False)
+        outcomes.astype({"output_tokens": "Int64", "input_tokens": "Int64"}).to_parquet(
+            staging / TABLE_MARKER, index=False
+        )
+        models.to_csv(staging / "models.csv", index=False)
+        features.to_parquet(staging / "features.parquet", index=False)
+        (staging / "README.md").write_text(
+            "# Feedback\n\nExported from a feedback store by `router feedback export`: one prompt per "
+            "decision with outcomes (text only where it was stored), features.parquet with the stored "
+            "head features, models.csv without prices.\n",
+            encoding="utf-8",
+        )
     return len(prompts), len(outcomes)

@@ -42,6 +42,11 @@ from training.validation import DEFAULT_PRESET, calibrate_presets, spend_curve
 log = logging.getLogger(__name__)
 
 MIN_SCORED_PROMPTS = 20
+# Beyond these a value is a unit slip (USD per token for per million, seconds for milliseconds),
+# not a model: refused before it turns into infinite costs or latencies.
+MAX_USD_PER_MTOK = 1e6
+MAX_LATENCY_MS = 1e7
+MAX_OUTPUT_TOKENS = 10_000_000
 HOLDBACK_STEPS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
 # What `reprice` updates (models.csv's columns).
 UPDATABLE = (*PRICE_COLUMNS[1:], *LATENCY_COLUMNS)
@@ -65,6 +70,8 @@ def choose_anchors(bundle_dir: Path, data_dir: Path, n: int, seed: int = 0) -> p
     if n < 1 or n > len(prompts):
         raise FleetError(f"--n must be between 1 and the {len(prompts)} train prompts of the table, got {n}")
     texts = list(prompts["prompt"])
+    if len(set(texts)) < n:
+        raise FleetError(f"--n {n} is more than the table's {len(set(texts))} distinct train prompts")
     embeddings = EmbeddingCache(TrainSettings().cache_dir, bundle.embedder).embed(texts)
     kmeans = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(embeddings)
     distance = ((embeddings - kmeans.cluster_centers_[kmeans.labels_]) ** 2).sum(axis=1)
@@ -89,6 +96,7 @@ class Scored:
 
 
 def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
+    _check_name(model)
     prompts = _read_parquet(prompts_path, ("prompt_id", "prompt"))
     outcomes = _read_parquet(outcomes_path, ("prompt_id", "model", "score"))
     if prompts["prompt_id"].duplicated().any():
@@ -101,7 +109,7 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
     if mine.empty:
         found = sorted(map(str, outcomes["model"].unique()))[:5]
         raise FleetError(f"{outcomes_path}: no outcomes of model {model!r} (it has: {', '.join(found)})")
-    unknown = sorted(set(mine["prompt_id"]) - set(prompts["prompt_id"]))
+    unknown = sorted(set(mine["prompt_id"]) - set(prompts["prompt_id"]), key=str)
     if unknown:
         raise FleetError(f"{outcomes_path}: prompt_id {unknown[0]!r} is not in {prompts_path}")
     if mine["prompt_id"].duplicated().any():
@@ -111,7 +119,8 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
     bad = score.isna() | (score < 0) | (score > 1)
     if bad.any():
         raise FleetError(
-            f"{outcomes_path}: score must be a number in 0..1, found {mine.loc[bad, 'score'].iloc[0]!r} "
+            f"{outcomes_path}: score must be a number in 0..1, "
+            f"found {_plain(mine.loc[bad, 'score'].iloc[0])!r} "
             f"for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
         )
     if len(mine) < MIN_SCORED_PROMPTS:
@@ -119,9 +128,14 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
             f"{outcomes_path}: {len(mine)} scored prompts of {model!r}; "
             f"at least {MIN_SCORED_PROMPTS} are needed"
         )
-    tokens = pd.to_numeric(mine.get("output_tokens", pd.Series(np.nan, index=mine.index)), errors="coerce")
-    if (tokens < 0).any():
-        raise FleetError(f"{outcomes_path}: negative output_tokens ({tokens[tokens < 0].iloc[0]})")
+    given = mine.get("output_tokens", pd.Series(np.nan, index=mine.index))
+    tokens = pd.to_numeric(given, errors="coerce")
+    bad = (given.notna() & tokens.isna()) | (tokens < 0) | (tokens > MAX_OUTPUT_TOKENS)
+    if bad.any():
+        raise FleetError(
+            f"{outcomes_path}: output_tokens must be a number of tokens from 0 to {MAX_OUTPUT_TOKENS:,}, "
+            f"found {_plain(given[bad].iloc[0])!r} for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
+        )
     text_of = dict(zip(prompts["prompt_id"], prompts["prompt"], strict=True))
     return Scored(
         [text_of[pid] for pid in mine["prompt_id"]],
@@ -142,6 +156,7 @@ def add_model(
 ) -> Manifest:
     """A new bundle version with `model`, estimated from its outcomes on the scored prompts."""
     started = time.perf_counter()
+    _check_name(model)
     bundle, engine = _open(bundle_dir)
     if model in engine.models:
         raise FleetError(f"model {model!r} is already in bundle {bundle.version}")
@@ -292,10 +307,12 @@ def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
     given = [c for c in UPDATABLE if c in table.columns]
     if not given:
         raise FleetError(f"{prices_path}: nothing to update (give any of {', '.join(UPDATABLE)})")
+    if table.empty:
+        raise FleetError(f"{prices_path}: lists no model; nothing to update")
     if table["model"].duplicated().any():
         twice = table.loc[table["model"].duplicated(), "model"].iloc[0]
         raise FleetError(f"{prices_path}: model {twice!r} is listed twice")
-    unknown = sorted(set(table["model"]) - set(engine.models))
+    unknown = sorted(set(table["model"]) - set(engine.models), key=str)
     if unknown:
         raise FleetError(f"{prices_path}: model {unknown[0]!r} is not in bundle {bundle.version}")
     day = datetime.now(timezone.utc).date().isoformat()
@@ -308,14 +325,17 @@ def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
             if raw is None or (isinstance(raw, float) and math.isnan(raw)):
                 continue
             value = pd.to_numeric(pd.Series([raw]), errors="coerce").iloc[0]
-            if pd.isna(value) or value < 0:
+            if isinstance(raw, bool | np.bool_) or not 0 <= value <= _bound(col):  # NaN fails too
                 raise FleetError(
-                    f"{prices_path}: {col} of {model!r} must be a non-negative number, got {raw!r}"
+                    f"{prices_path}: {col} of {model!r} must be a number from 0 to {_bound(col):,g}, "
+                    f"got {raw!r}"
                 )
             update[col] = float(value)
         if set(update) & set(PRICE_COLUMNS[1:]):
             update["price_source"] = f"repriced {day}"
         updates[model] = update
+    if not any(updates.values()):
+        raise FleetError(f"{prices_path}: every cell is empty; nothing to update")
     models = [
         m.model_copy(update=updates[m.name]) if m.name in updates else m for m in bundle.manifest.models
     ]
@@ -398,16 +418,39 @@ def _prices(
 ) -> tuple[str, float, float]:
     prefix = f"{where}: " if where else ""
     for name, value in (("input_usd_per_mtok", input_usd), ("output_usd_per_mtok", output_usd)):
-        if value is None or not isinstance(value, int | float) or not math.isfinite(value):
+        if value is None:
             raise FleetError(f"{prefix}{name} of {model!r} is missing")
-        if value < 0:
-            raise FleetError(f"{prefix}{name} of {model!r} must be a non-negative number, got {value}")
+        if not isinstance(value, int | float) or not 0 <= value <= MAX_USD_PER_MTOK:  # NaN fails too
+            raise FleetError(
+                f"{prefix}{name} of {model!r} must be a number from 0 to {MAX_USD_PER_MTOK:,g}, got {value}"
+            )
     return model, float(input_usd), float(output_usd)  # type: ignore[arg-type]
 
 
+def _plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds, for messages (nan, not np.float64(nan))."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
+
+
+def _bound(column: str) -> float:
+    return MAX_USD_PER_MTOK if column.endswith("_usd_per_mtok") else MAX_LATENCY_MS
+
+
+def _check_name(model: str) -> None:
+    """Model names become API values and metric labels: printable, unpadded, of sane length."""
+    if not model or len(model) > 200 or model != model.strip() or not model.isprintable():
+        raise FleetError(
+            "--model must be 1-200 printable characters without leading or trailing spaces, "
+            f"got {model[:80]!r}"
+        )
+
+
 def _latency(name: str, value: float | None) -> float | None:
-    if value is not None and (not math.isfinite(value) or value < 0):
-        raise FleetError(f"{name} must be a non-negative number of milliseconds, got {value}")
+    if value is not None and not 0 <= value <= MAX_LATENCY_MS:  # NaN fails too
+        raise FleetError(
+            f"{name} must be a number of milliseconds from 0 to {MAX_LATENCY_MS:,g}, got {value}"
+        )
     return value
 
 
@@ -420,6 +463,9 @@ def _read(path: Path, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise FleetError(f"{path}: missing column(s) {', '.join(missing)}")
+    for key in ("prompt_id", "model"):
+        if key in columns and frame[key].isna().any():
+            raise FleetError(f"{path}: {key} is empty in row {int(np.argmax(frame[key].isna()))}")
     return frame
 
 

@@ -60,6 +60,10 @@ def evaluate_bundle(bundle_dir: Path, data_dir: Path, split: str, report_dir: Pa
     features = engine.featurize(list(test.prompts["prompt"]))
     est = engine.estimate_features(features)
     complete = complete_rows(test)
+    if not complete.any():
+        raise TableError(
+            f"{table.name}: no {split} prompt has a score and a cost for every model; nothing to evaluate"
+        )
     score = test.matrix("score")[:, order][complete]
     cost = test.matrix("cost_usd")[:, order][complete]
     c_ref = engine.policy.c_ref_usd

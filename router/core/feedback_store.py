@@ -361,17 +361,28 @@ def _without_password(message: str, url: str) -> str:
     return message.replace(password, "***") if password else message
 
 
-def open_store(url: str) -> SqlStore:
-    """A store from `sqlite:///PATH` or `postgresql://...`; StoreError if it cannot be opened."""
-    parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        path = url[len("sqlite://") :]  # sqlite:///var/lib/x.sqlite: absolute; sqlite://x.sqlite: relative
-        if not path.strip("/"):
-            raise StoreError(f"{url}: give a file, as sqlite:///path/to/feedback.sqlite")
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URL (sqlite://x.sqlite: relative); None for other schemes."""
+    if urlparse(url).scheme != "sqlite":
+        return None
+    path = url[len("sqlite://") :]
+    if not path.strip("/"):
+        raise StoreError(f"{url}: give a file, as sqlite:///path/to/feedback.sqlite")
+    return Path(path)
+
+
+def open_store(url: str, *, create: bool = True) -> SqlStore:
+    """A store from `sqlite:///PATH` or `postgresql://...`; StoreError if it cannot be opened.
+    Readers of a store (export, training) pass create=False: a mistyped path is then an error,
+    not a new empty store."""
+    path = sqlite_path(url)
+    if path is not None:
+        if not create and not path.is_file():
+            raise StoreError(f"{url}: no such file")
         try:
-            return SqliteStore(Path(path))
-        except sqlite3.Error as exc:
+            return SqliteStore(path)
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{url}: {exc}") from exc
-    if parsed.scheme in ("postgresql", "postgres"):
+    if urlparse(url).scheme in ("postgresql", "postgres"):
         return PostgresStore(url)
     raise StoreError(f"{shown(url)}: the feedback store must be sqlite:///PATH or postgresql://...")

@@ -166,6 +166,10 @@ def test_logged_feedback_exports_as_a_table_and_folds_into_a_retrain(
     assert len(exported) == 12 and len(outcomes) == 24 and (exported.prompt == "").all(), "no text stored"
     assert set(features.prompt_id) == set(exported.prompt_id) and len(features.features[0]) == 390
     assert set(pd.read_csv(out / "models.csv").model) == set(outcomes.model)
+    # an export never replaces the store it reads, nor creates one for a mistyped path
+    assert main(["feedback", "export", "--store", f"sqlite://{path}", "--out", str(tmp_path)]) == 2
+    assert main(["feedback", "export", "--store", f"sqlite://{path}x", "--out", str(out)]) == 2
+    assert path.is_file() and not path.with_name(path.name + "x").exists()
     bundle = tmp_path / "retrained"
     code = main(["train", "--data", str(data_dir / "mmlu_pro"), "--max-prompts", str(SMALL_PROMPTS),
                  "--feedback", f"sqlite://{path}", "--out", str(bundle)])  # fmt: skip

@@ -124,6 +124,11 @@ def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ("existing_model", "already in bundle"),
         ("too_few", "at least 20 are needed"),
         ("price_missing", "output_usd_per_mtok of .* is missing"),
+        ("price_not_a_number", "input_usd_per_mtok of .* must be a number from 0 to"),
+        ("empty_prompt_id", "prompt_id is empty in row 2"),
+        ("blank_model", "--model must be 1-200 printable characters"),
+        ("tokens_not_a_number", "output_tokens must be a number of tokens .* found 'many'"),
+        ("tokens_absurd", "output_tokens must be a number of tokens .* found 1e\\+300"),
     ],
 )
 def test_add_model_refuses_bad_input_and_writes_nothing(
@@ -149,6 +154,20 @@ def test_add_model_refuses_bad_input_and_writes_nothing(
         outcomes = outcomes.head(19)
     elif change == "price_missing":
         prices = prices[:2]
+    elif change == "price_not_a_number":
+        prices[1] = "nan"
+    elif change == "empty_prompt_id":
+        outcomes.loc[2, "prompt_id"] = None
+        outcomes.loc[3, "prompt_id"] = "no-such-prompt"  # beside it: ids of two types to sort
+    elif change == "blank_model":
+        model = "  "
+        outcomes["model"] = model
+    elif change == "tokens_not_a_number":
+        tokens = [str(int(t)) for t in outcomes["output_tokens"].fillna(100)]
+        outcomes["output_tokens"] = tokens[:4] + ["many"] + tokens[5:]  # a column of text
+    elif change == "tokens_absurd":
+        outcomes["output_tokens"] = outcomes["output_tokens"].astype(float)
+        outcomes.loc[4, "output_tokens"] = 1e300
     bad = tmp_path / "bad.parquet"
     outcomes.to_parquet(bad, index=False)
     out = tmp_path / "never"
@@ -172,10 +191,45 @@ def test_remove_and_reprice_refuse_what_is_not_in_the_bundle(
     err = _refused(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)], capsys)
     assert "'gpt-9' is not in bundle" in err
     model = open_engine(without, provider="cpu")[1].models[0]
-    prices.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{model},-1,2\n", encoding="utf-8")
-    err = _refused(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)], capsys)
-    assert "non-negative" in err
-    assert not out.exists()
+    for cells, message in [
+        (f"{model},-1,2", "must be a number from 0 to"),
+        (f"{model},inf,2", "must be a number from 0 to"),
+        (f"{model},true,2", "got True"),
+        (f"{model},,", "every cell is empty"),
+        ("nosuch,1,2\n,2,2", "model is empty in row 1"),
+        ("", "lists no model"),
+    ]:
+        prices.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{cells}\n", encoding="utf-8")
+        command = ["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)]
+        err = _refused(command, capsys)
+        assert message in err, (cells, err)
+        assert not out.exists() and not out.with_name(out.name + ".staging").exists()
+
+
+def test_a_new_version_never_replaces_its_input_or_a_directory_that_is_not_a_bundle(
+    without: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = open_engine(without, provider="cpu")[1].models[0]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me", encoding="utf-8")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me too", encoding="utf-8")
+    for out, message in [
+        (notes, "holds no manifest.json: refusing to replace it"),
+        (without, "holds this command's input"),
+        (without.parent, "holds this command's input"),
+        (a_file, "is a file"),
+        (a_file / "inside", "a-file is a file, not a directory"),
+    ]:
+        err = _refused(["remove-model", "--bundle", str(without), "--model", model, "--out", str(out)], capsys)
+        assert message in err, (out, err)
+    assert (notes / "todo.txt").read_text(encoding="utf-8") == "keep me"
+    assert a_file.read_text(encoding="utf-8") == "keep me too"
+    assert open_engine(without, provider="cpu")[1].models[0] == model  # the input is intact
+    err = _refused(["anchors", "--bundle", str(without), "--data", str(tmp_path), "--n", "5",
+                    "--out", str(notes)], capsys)  # fmt: skip
+    assert "is a directory" in err
 
 
 def test_the_manifest_records_the_fleet_history(added: Path) -> None:

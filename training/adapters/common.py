@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from router.core.pricing import PER_TOKEN
+from training.outputs import TABLE_MARKER, replaced_dir
 from training.tables import PRICE_COLUMNS, RoutingTable, TableError
 
 TEST_FRACTION = 0.2
@@ -65,15 +65,10 @@ def priced(
 
 def write_canonical(table: RoutingTable, out_dir: Path) -> None:
     """Writes the table in the canonical layout; the directory appears only once it is complete."""
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    table.prompts.to_parquet(staging / "prompts.parquet", index=False)
-    table.outcomes.to_parquet(staging / "outcomes.parquet", index=False)
-    table.prices.to_csv(staging / "models.csv", index=False)
-    (staging / "README.md").write_text(
-        f"# {table.name}\n\nConverted to the canonical layout by `router convert`.\n", encoding="utf-8"
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with replaced_dir(out_dir, TABLE_MARKER) as staging:
+        table.prompts.to_parquet(staging / "prompts.parquet", index=False)
+        table.outcomes.to_parquet(staging / TABLE_MARKER, index=False)
+        table.prices.to_csv(staging / "models.csv", index=False)
+        (staging / "README.md").write_text(
+            f"# {table.name}\n\nConverted to the canonical layout by `router convert`.\n", encoding="utf-8"
+        )

@@ -1,0 +1,86 @@
+"""Where the training commands write, checked before any work is done.
+
+A directory output (a bundle, a routing table) is assembled beside its target and renamed into
+place only once complete, so that a watcher never sees half of one. Replacing an existing output
+is how a bundle is retrained in place, but only an output of the same kind is ever replaced: a
+directory that is neither empty nor holds the kind's marker file, or one that holds a command's
+own input, is refused rather than deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from training.errors import OutputError
+
+BUNDLE_MARKER = "manifest.json"
+TABLE_MARKER = "outcomes.parquet"
+
+
+def _creatable_parent(path: Path) -> None:
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"{path}: {blocking} is a file, not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create {path.parent}: {exc.strerror or exc}") from None
+
+
+def check_file(path: Path) -> Path:
+    """A file output: not a directory, in a directory that exists or can be made."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give the path of a file to write")
+    _creatable_parent(path)
+    return path
+
+
+def writable_dir(path: Path) -> Path:
+    """A directory that files are written into (a report): not a file, nor under one. Made by
+    whoever writes into it, once there is something to write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is a file; give a directory to write the report into")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"{path}: {blocking} is a file, not a directory")
+    return path
+
+
+def check_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Path:
+    """A directory output of the kind `marker` names, which replacing would lose nothing else."""
+    out_dir = Path(out_dir)
+    resolved = out_dir.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise OutputError(f"{out_dir} holds this command's input {source}; write to another directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is a file; give a directory to write")
+    if out_dir.is_dir() and not (out_dir / marker).exists() and any(out_dir.iterdir()):
+        raise OutputError(
+            f"{out_dir} is not empty and holds no {marker}: refusing to replace it; give a new directory"
+        )
+    _creatable_parent(out_dir)
+    return out_dir
+
+
+@contextmanager
+def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yields an empty staging directory; once the body has filled it without an error, it takes
+    `out_dir`'s place. An error removes it and leaves `out_dir` as it was."""
+    out_dir = check_dir(out_dir, marker, inputs)
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
