@@ -164,7 +164,7 @@ def test_add_model_refuses_bad_input_and_writes_nothing(
         outcomes["model"] = model
     elif change == "tokens_not_a_number":
         tokens = [str(int(t)) for t in outcomes["output_tokens"].fillna(100)]
-        outcomes["output_tokens"] = tokens[:4] + ["many"] + tokens[5:]  # a column of text
+        outcomes["output_tokens"] = [*tokens[:4], "many", *tokens[5:]]  # a column of text
     elif change == "tokens_absurd":
         outcomes["output_tokens"] = outcomes["output_tokens"].astype(float)
         outcomes.loc[4, "output_tokens"] = 1e300
@@ -222,7 +222,8 @@ def test_a_new_version_never_replaces_its_input_or_a_directory_that_is_not_a_bun
         (a_file, "is a file"),
         (a_file / "inside", "a-file is a file, not a directory"),
     ]:
-        err = _refused(["remove-model", "--bundle", str(without), "--model", model, "--out", str(out)], capsys)
+        command = ["remove-model", "--bundle", str(without), "--model", model, "--out", str(out)]
+        err = _refused(command, capsys)
         assert message in err, (out, err)
     assert (notes / "todo.txt").read_text(encoding="utf-8") == "keep me"
     assert a_file.read_text(encoding="utf-8") == "keep me too"
