@@ -79,7 +79,7 @@ def export_feedback(url: str, out_dir: Path) -> tuple[int, int]:
     """Writes the store's decisions with outcomes as a canonical table; (prompts, outcomes)."""
     rows = _rows(url)
     if not rows:
-        raise TableError(f"feedback store {url}: no outcomes to export")
+        raise TableError(f"feedback store {shown(url)}: no outcomes to export")
     prompts = pd.DataFrame(
         {
             "prompt_id": [r.decision.id for r in rows],

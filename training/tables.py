@@ -200,6 +200,11 @@ def carve_validation(
     ids = table.prompts["prompt_id"].astype(str)
     salted = pd.util.hash_pandas_object(ids + f"#{seed}", index=False).to_numpy()
     is_val = (salted % 10_000) < int(fraction * 10_000)
+    if is_val.all() or not is_val.any():
+        raise TableError(
+            f"{table.name}: its {len(ids)} train prompts are too few to carve a validation share "
+            f"({fraction:.0%}) from them and keep the rest for fitting"
+        )
     return table.subset(ids[~is_val]), table.subset(ids[is_val])
 
 

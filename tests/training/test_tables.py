@@ -49,6 +49,9 @@ def test_validation_is_carved_from_train_reproducibly(data_dir: Path) -> None:
     assert len(fit.prompts) + len(val.prompts) == len(train.prompts)
     assert list(val.prompts["prompt_id"]) == list(again.prompts["prompt_id"])
     assert 0.10 < len(val.prompts) / len(train.prompts) < 0.20
+    few = train.subset(list(train.prompts["prompt_id"][:3]))
+    with pytest.raises(TableError, match="3 train prompts are too few to carve a validation share"):
+        carve_validation(few, 0.15, seed=0)
 
 
 def test_missing_column_is_named(data_dir: Path, tmp_path: Path) -> None:
