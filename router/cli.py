@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from router.core.errors import BundleError, InvalidRequest
+from router.serving.requests import BLANK, blank
 
 EXIT_USAGE = 2
 COMMAND_GROUP = "router.commands"
@@ -108,8 +109,8 @@ def _route_local(args: argparse.Namespace) -> dict[str, Any]:
         _, engine = open_engine(Path(args.bundle), provider="cpu")
     except BundleError as exc:
         raise CliError(f"bundle {args.bundle} refused: {exc}") from exc
-    if not args.prompt.strip():
-        raise CliError("prompt: must not be empty or whitespace")
+    if blank(args.prompt):
+        raise CliError(f"prompt: {BLANK}")
     try:
         prefs = engine.preferences(
             cost_weight=args.cost_weight,

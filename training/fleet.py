@@ -27,7 +27,7 @@ from router.core.engine import Engine, Estimates, open_engine
 from router.core.features import PromptFeatures
 from router.core.heads import Heads
 from router.core.manifest import ChangeSpec, Manifest, ModelSpec, PolicySpec
-from router.core.pricing import PER_TOKEN, Prices
+from router.core.pricing import MAX_TOKENS, PER_TOKEN, Prices
 from training.added_model import PARITY_TOLERANCE, AddedModel, out_of_fold
 from training.bundle_writer import rewrite_bundle
 from training.embed_cache import EmbeddingCache
@@ -46,7 +46,6 @@ MIN_SCORED_PROMPTS = 20
 # not a model: refused before it turns into infinite costs or latencies.
 MAX_USD_PER_MTOK = 1e6
 MAX_LATENCY_MS = 1e7
-MAX_OUTPUT_TOKENS = 10_000_000
 HOLDBACK_STEPS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
 # What `reprice` updates (models.csv's columns).
 UPDATABLE = (*PRICE_COLUMNS[1:], *LATENCY_COLUMNS)
@@ -130,10 +129,10 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
         )
     given = mine.get("output_tokens", pd.Series(np.nan, index=mine.index))
     tokens = pd.to_numeric(given, errors="coerce")
-    bad = (given.notna() & tokens.isna()) | (tokens < 0) | (tokens > MAX_OUTPUT_TOKENS)
+    bad = (given.notna() & tokens.isna()) | (tokens < 0) | (tokens > MAX_TOKENS)
     if bad.any():
         raise FleetError(
-            f"{outcomes_path}: output_tokens must be a number of tokens from 0 to {MAX_OUTPUT_TOKENS:,}, "
+            f"{outcomes_path}: output_tokens must be a number of tokens from 0 to {MAX_TOKENS:,}, "
             f"found {_plain(given[bad].iloc[0])!r} for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
         )
     text_of = dict(zip(prompts["prompt_id"], prompts["prompt"], strict=True))

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 PER_TOKEN = 1e-6  # prices are quoted in USD per million tokens
+# A token count beyond this, in one call, is a unit slip or garbage, not an answer: refused where
+# callers report counts, before it reaches a cost estimate.
+MAX_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True)

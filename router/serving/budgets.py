@@ -29,7 +29,9 @@ from router.core.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole names only: fullmatch
+# Ten years: a longer window is a unit slip, and its start would overflow the store's integers.
+MAX_WINDOW_S = 10 * 365 * 86400.0
 DEFAULT_TENANT = "default"
 
 
@@ -37,7 +39,7 @@ def tenant_of(name: str) -> str:
     """The tenant a request names (empty: the default one), or InvalidRequest."""
     if not name:
         return DEFAULT_TENANT
-    if not TENANT_NAME.match(name):
+    if not TENANT_NAME.fullmatch(name):
         raise InvalidRequest(
             "tenant", f"must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-', got {name[:80]!r}"
         )
@@ -47,9 +49,10 @@ def tenant_of(name: str) -> str:
 class TenantBudget(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    target_usd_per_1k: float | None = Field(default=None, gt=0)
-    limit_usd: float | None = Field(default=None, gt=0)
-    window_s: float = Field(default=86400.0, ge=1)
+    # finite, and large enough that per-call arithmetic (target / 1000) stays a normal number
+    target_usd_per_1k: float | None = Field(default=None, ge=1e-9, allow_inf_nan=False)
+    limit_usd: float | None = Field(default=None, ge=1e-9, allow_inf_nan=False)
+    window_s: float = Field(default=86400.0, ge=1, le=MAX_WINDOW_S, allow_inf_nan=False)
     on_exhausted: Literal["cheapest", "reject"] = "cheapest"
     allowed_models: list[str] | None = Field(default=None, min_length=1)
 
@@ -77,7 +80,7 @@ class BudgetsFile(BaseModel):
     @classmethod
     def _names(cls, tenants: dict[str, TenantBudget]) -> dict[str, TenantBudget]:
         for name in tenants:
-            if not TENANT_NAME.match(str(name)):
+            if not TENANT_NAME.fullmatch(str(name)):
                 raise ValueError(f"tenant name {name!r}: 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-'")
         return tenants
 
@@ -91,8 +94,10 @@ def read_budgets(path: Path) -> BudgetsFile:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise BudgetsError(f"{path}: not readable YAML ({exc})") from exc
+    if raw is None:  # an editor that truncates before it writes must not lift every budget
+        raise BudgetsError(f"{path}: the file is empty; write `tenants: {{}}` to configure no tenant")
     try:
-        return BudgetsFile.model_validate(raw if raw is not None else {})
+        return BudgetsFile.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"

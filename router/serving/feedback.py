@@ -49,6 +49,7 @@ from router.core.feedback_store import (
     StoreRejected,
 )
 from router.core.online import OnlineMemory
+from router.core.pricing import MAX_TOKENS
 from router.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def _check(query: FeedbackQuery) -> None:
         raise InvalidRequest("score", f"must be a number in [0, 1], got {query.score}")
     for name in ("input_tokens", "output_tokens"):
         value = getattr(query, name)
-        if value is not None and value < 0:
-            raise InvalidRequest(name, f"must not be negative, got {value}")
+        if value is not None and not 0 <= value <= MAX_TOKENS:
+            raise InvalidRequest(name, f"must be a count of tokens from 0 to {MAX_TOKENS:,}, got {value}")
     if query.cost_usd is not None and (not math.isfinite(query.cost_usd) or query.cost_usd < 0):
         raise InvalidRequest("cost_usd", f"must be a non-negative number, got {query.cost_usd}")
 

@@ -11,9 +11,11 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from router.core.errors import (
     BudgetExhausted,
@@ -44,12 +46,35 @@ STATUS_OF: dict[type[RouterError], grpc.StatusCode] = {
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def _wrap_unary(handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> grpc.RpcMethodHandler:
+def _wrap_unary(
+    handler: grpc.RpcMethodHandler, behaviour: Behaviour, deserializer: Callable[[bytes], Any] | None = None
+) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request gRPC could not parse (a string field that is not UTF-8): answered here as
+    INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN and log a traceback per call."""
+
+    reason: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def read(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc)[:200])
+
+    return read
 
 
 class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
@@ -74,6 +99,8 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidRequest("request", f"is not a valid message ({request.reason})")
                 return await inner(request, context)
             except RouterError as exc:
                 code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
@@ -92,7 +119,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 metrics.requests.labels(method=method, code=code.name).inc()
                 metrics.request_seconds.labels(method=method).observe(time.perf_counter() - started)
 
-        return _wrap_unary(handler, behaviour)
+        return _wrap_unary(handler, behaviour, _tolerant(handler.request_deserializer))
 
 
 class BearerToken(grpc.aio.ServerInterceptor):

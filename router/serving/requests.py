@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 from router.core.engine import Engine
@@ -37,10 +38,18 @@ class Limits:
     max_batch_wait_s: float
 
 
+BLANK = "must not be empty, nor only whitespace or invisible characters"
+
+
+def blank(text: str) -> bool:
+    """Nothing visible: only whitespace, controls and format characters (NUL, zero-width space)."""
+    return all(unicodedata.category(c)[0] in "CZ" for c in text)
+
+
 def validate(query: RouteQuery, engine: Engine, limits: Limits) -> Preferences:
     """The server's own limits first, then the engine's check of the caller's wishes."""
-    if not query.prompt.strip():
-        raise InvalidRequest("prompt", "must not be empty or whitespace")
+    if blank(query.prompt):
+        raise InvalidRequest("prompt", BLANK)
     if len(query.prompt) > limits.max_prompt_chars:
         raise InvalidRequest(
             "prompt", f"is {len(query.prompt)} characters; the limit is {limits.max_prompt_chars}"

@@ -169,6 +169,10 @@ class RouterService:
                 except RouterError as exc:  # this call only (a cap refusal)
                     results[i] = exc
                     continue
+                except Exception as exc:  # a fault fails its own call, not the batch it shares
+                    log.exception("deciding a call of tenant %r failed", job.tenant)
+                    results[i] = exc
+                    continue
                 finally:
                     policy.observe(time.perf_counter() - deciding)
                 decision_id = uuid.uuid4().hex

@@ -130,6 +130,7 @@ def test_a_tenant_allow_list_bounds_the_choice_and_names_are_checked(
             ({"tenant": "listed", "allowed_models": ["gemini-1.5-pro-002"]}, "allowed_models"),
             ({"tenant": "no spaces allowed"}, "tenant"),
             ({"tenant": "x" * 65}, "tenant"),
+            ({"tenant": "listed\n"}, "tenant"),  # not another tenant, free of the allow-list
         ):
             with pytest.raises(grpc.RpcError) as info:
                 stub.Route(router_pb2.RouteRequest(prompt=PROMPTS[0], **fields), timeout=30)
@@ -189,10 +190,18 @@ def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
     code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "tenants.twice.allowed_models" in err and "'gemma-7b' more than once" in err
-    _write(path, "tenants:\n  blink: {limit_usd: 1.0, window_s: 0.5}\n")
-    code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
-    err = capsys.readouterr().err
-    assert code == 2 and "tenants.blink.window_s" in err
+    for text, key in [
+        ("tenants:\n  blink: {limit_usd: 1.0, window_s: 0.5}\n", "tenants.blink.window_s"),
+        ("tenants:\n  forever: {limit_usd: 1.0, window_s: .inf}\n", "tenants.forever.window_s"),
+        ("tenants:\n  aeons: {limit_usd: 1.0, window_s: 1.0e+19}\n", "tenants.aeons.window_s"),
+        ("tenants:\n  endless: {limit_usd: .inf}\n", "tenants.endless.limit_usd"),
+        ("tenants:\n  tiny: {target_usd_per_1k: 4.0e-324}\n", "tenants.tiny.target_usd_per_1k"),
+        ("", "the file is empty"),
+    ]:
+        _write(path, text)
+        code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
+        err = capsys.readouterr().err
+        assert code == 2 and key in err and "Traceback" not in err, (text, err)
 
 
 def test_reported_costs_steer_a_spend_target_by_the_bill(server, tmp_path: Path, typical_cost: float) -> None:

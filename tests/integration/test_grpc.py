@@ -79,6 +79,7 @@ def test_list_models_reports_prices(stub) -> None:
     [
         ({"prompt": ""}, "prompt"),
         ({"prompt": "  \n\t "}, "prompt"),
+        ({"prompt": "\x00\x00\u200b"}, "prompt"),
         ({"prompt": PROMPT, "cost_weight": 1.5}, "cost_weight"),
         ({"prompt": PROMPT, "cost_weight": -0.1}, "cost_weight"),
         ({"prompt": PROMPT, "cost_weight": float("nan")}, "cost_weight"),
@@ -96,6 +97,23 @@ def test_bad_requests_get_invalid_argument_naming_the_field(stub, request_fields
         stub.Route(router_pb2.RouteRequest(**request_fields), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}:")
+
+
+def test_a_request_that_is_not_valid_protobuf_gets_invalid_argument(server, stub) -> None:
+    """A prompt that is not UTF-8 cannot be parsed: gRPC alone would answer UNKNOWN."""
+    with grpc.insecure_channel(server.address) as channel:
+        raw = channel.unary_unary(
+            "/router.v1.Router/Route",
+            request_serializer=lambda b: b,
+            response_deserializer=router_pb2.RouteResponse.FromString,
+        )
+        for body in (b"\x0a\x03\xed\xa0\x80", b"\x0a\x02\xff\xfe"):  # a lone surrogate; not UTF-8
+            with pytest.raises(grpc.RpcError) as err:
+                raw(body, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("request: is not a valid message")
+        # and the server goes on answering
+    assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10).model
 
 
 def test_health_reports_serving(server) -> None:
