@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import unicodedata
 
 import grpc
 from hypothesis import HealthCheck, given, settings
@@ -44,7 +45,8 @@ def _expected_valid(
     prompt: str, w: float | None, models: list[str], ceiling: float | None, preset: str
 ) -> bool:
     return (
-        bool(prompt.strip())
+        # something visible: not only whitespace, controls or format characters (NUL, ESC, ZWSP)
+        any(unicodedata.category(c)[0] not in "CZ" for c in prompt)
         and (w is None or (math.isfinite(w) and 0 <= w <= 1))
         and (not preset or (preset in PRESETS and w is None))
         and all(m in MODELS for m in models)
