@@ -17,6 +17,9 @@ PER_TOKEN = 1e-6  # prices are quoted in USD per million tokens
 # A token count beyond this, in one call, is a unit slip or garbage, not an answer: refused where
 # callers report counts, before it reaches a cost estimate.
 MAX_TOKENS = 10_000_000
+# BPE tokenizers average about 4 characters per token on prose and fewer on code or hex; more than
+# 8 is not seen, so the character count bounds an estimate the word pieces would leave too low.
+MAX_CHARS_PER_TOKEN = 8.0
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,11 @@ class TokenEstimator:
     per_char: float
 
     def estimate(self, word_pieces: np.ndarray, chars: np.ndarray) -> np.ndarray:
+        """The table tokenizer's count; at least one token per MAX_CHARS_PER_TOKEN characters,
+        since a run without spaces is a single [UNK] word piece however long it is."""
         raw = self.intercept + self.per_word_piece * word_pieces + self.per_char * chars
-        return np.maximum(np.rint(raw), 1.0)
+        floor = np.ceil(np.asarray(chars, dtype=float) / MAX_CHARS_PER_TOKEN)
+        return np.maximum(np.maximum(np.rint(raw), floor), 1.0)
 
     @classmethod
     def fit(cls, word_pieces: np.ndarray, chars: np.ndarray, tokens: np.ndarray) -> TokenEstimator:

@@ -23,3 +23,11 @@ def test_token_estimator_recovers_a_linear_map_and_never_goes_below_one() -> Non
     est = TokenEstimator.fit(pieces, chars, tokens)
     assert np.abs(est.estimate(pieces, chars) - tokens).max() <= 0.5 + 1e-9
     assert est.estimate(np.array([0.0]), np.array([0.0]))[0] >= 1.0
+
+
+def test_a_long_run_without_spaces_counts_by_its_characters() -> None:
+    """One [UNK] word piece for 96,000 characters: the character floor, not one token."""
+    est = TokenEstimator(intercept=2.0, per_word_piece=1.0, per_char=-0.001)
+    assert est.estimate(np.array([1.0]), np.array([96_000.0]))[0] >= 96_000 / 8
+    prose = est.estimate(np.array([250.0]), np.array([1_000.0]))[0]
+    assert prose == pytest.approx(251.0)  # where word pieces count well, the floor changes nothing
