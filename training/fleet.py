@@ -27,7 +27,7 @@ from router.core.engine import Engine, Estimates, open_engine
 from router.core.features import PromptFeatures
 from router.core.heads import Heads
 from router.core.manifest import ChangeSpec, Manifest, ModelSpec, PolicySpec
-from router.core.pricing import MAX_TOKENS, PER_TOKEN, Prices
+from router.core.pricing import MAX_TOKENS, MAX_USD_PER_MTOK, PER_TOKEN, Prices
 from training.added_model import PARITY_TOLERANCE, AddedModel, out_of_fold
 from training.bundle_writer import rewrite_bundle
 from training.embed_cache import EmbeddingCache
@@ -36,7 +36,7 @@ from training.metrics import evaluate
 from training.onnx_graph import chain, select_columns
 from training.reference import Reference, prompt_key
 from training.settings import TrainSettings
-from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table
+from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table, plain
 from training.validation import DEFAULT_PRESET, calibrate_presets, spend_curve
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 MIN_SCORED_PROMPTS = 20
 # Beyond these a value is a unit slip (USD per token for per million, seconds for milliseconds),
 # not a model: refused before it turns into infinite costs or latencies.
-MAX_USD_PER_MTOK = 1e6
 MAX_LATENCY_MS = 1e7
 HOLDBACK_STEPS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16, 1.0)
 # What `reprice` updates (models.csv's columns).
@@ -119,7 +118,7 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
     if bad.any():
         raise FleetError(
             f"{outcomes_path}: score must be a number in 0..1, "
-            f"found {_plain(mine.loc[bad, 'score'].iloc[0])!r} "
+            f"found {plain(mine.loc[bad, 'score'].iloc[0])!r} "
             f"for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
         )
     if len(mine) < MIN_SCORED_PROMPTS:
@@ -133,7 +132,7 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
     if bad.any():
         raise FleetError(
             f"{outcomes_path}: output_tokens must be a number of tokens from 0 to {MAX_TOKENS:,}, "
-            f"found {_plain(given[bad].iloc[0])!r} for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
+            f"found {plain(given[bad].iloc[0])!r} for prompt_id {mine.loc[bad, 'prompt_id'].iloc[0]!r}"
         )
     text_of = dict(zip(prompts["prompt_id"], prompts["prompt"], strict=True))
     return Scored(
@@ -424,12 +423,6 @@ def _prices(
                 f"{prefix}{name} of {model!r} must be a number from 0 to {MAX_USD_PER_MTOK:,g}, got {value}"
             )
     return model, float(input_usd), float(output_usd)  # type: ignore[arg-type]
-
-
-def _plain(value: object) -> object:
-    """A numpy scalar as the Python value it holds, for messages (nan, not np.float64(nan))."""
-    item = getattr(value, "item", None)
-    return item() if callable(item) else value
 
 
 def _bound(column: str) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from router.core.pricing import MAX_TOKENS, MAX_USD_PER_MTOK
 from training.errors import TableError
 from training.implied_prices import fill_prices
 
@@ -29,6 +30,27 @@ def _require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise TableError(f"{what}: missing column(s) {', '.join(missing)}")
+
+
+def plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds, for messages (nan, not np.float64(nan))."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
+
+
+def check_prices(prices: pd.DataFrame, where: str) -> None:
+    """A price given must be one (an empty cell is unknown, and may be fitted from costs)."""
+    for col in PRICE_COLUMNS[1:]:
+        if col not in prices.columns:
+            continue
+        given = prices[col]
+        value = pd.to_numeric(given, errors="coerce")
+        bad = (value.isna() & given.notna()) | (value < 0) | (value > MAX_USD_PER_MTOK)
+        if bad.any():
+            raise TableError(
+                f"{where}: {col} of {prices.loc[bad, 'model'].iloc[0]!r} must be a number from 0 to "
+                f"{MAX_USD_PER_MTOK:,g}, found {plain(given[bad].iloc[0])!r}"
+            )
 
 
 @dataclass
@@ -55,6 +77,14 @@ class RoutingTable:
         for col in ("input_tokens", "output_tokens", "cost_usd"):
             if col not in o.columns:
                 o[col] = pd.NA
+        for frame, what in ((p, "prompts"), (o, "outcomes")):
+            ids = frame["prompt_id"]
+            if ids.isna().any():
+                raise TableError(f"{self.name} {what}: prompt_id is null in row {int(np.argmax(ids.isna()))}")
+            if len(ids) and pd.api.types.infer_dtype(ids) != "string":
+                raise TableError(
+                    f"{self.name} {what}: prompt_id must be text, found {type(ids.iloc[0]).__name__} values"
+                )
         if p["prompt_id"].duplicated().any():
             dup = p.loc[p["prompt_id"].duplicated(), "prompt_id"].iloc[0]
             raise TableError(f"{self.name} prompts: duplicate prompt_id {dup!r}")
@@ -74,9 +104,16 @@ class RoutingTable:
             bad = o.loc[scores.isna() | (scores < 0) | (scores > 1), "score"].iloc[0]
             raise TableError(f"{self.name} outcomes: score must be a number in 0..1, found {bad!r}")
         for col in ("input_tokens", "output_tokens", "cost_usd"):
-            values = pd.to_numeric(o[col], errors="coerce")
+            values = pd.to_numeric(o[col], errors="coerce").astype(float)
             if (values < 0).any():
                 raise TableError(f"{self.name} outcomes: negative {col} ({values[values < 0].iloc[0]})")
+            top = np.inf if col == "cost_usd" else MAX_TOKENS
+            bad = (values.isna() & o[col].notna()) | (values > top) | np.isinf(values)
+            if bad.any():
+                limit = "a finite number" if col == "cost_usd" else f"a count up to {MAX_TOKENS:,}"
+                raise TableError(
+                    f"{self.name} outcomes: {col} must be {limit}, found {plain(o.loc[bad, col].iloc[0])!r}"
+                )
         unknown_prompts = set(o["prompt_id"]) - set(p["prompt_id"])
         if unknown_prompts:
             raise TableError(
@@ -88,6 +125,7 @@ class RoutingTable:
         unpriced = sorted(set(o["model"]) - set(self.prices["model"]))
         if unpriced:
             raise TableError(f"{self.name}: model {unpriced[0]!r} has outcomes but no row in models.csv")
+        check_prices(self.prices, f"{self.name} models")
         m = fill_prices(self.name, self.prices[self.prices["model"].isin(set(o["model"]))], o)
         for col in ("input_usd_per_mtok", "output_usd_per_mtok"):
             price = pd.to_numeric(m[col], errors="coerce")

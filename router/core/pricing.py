@@ -17,6 +17,8 @@ PER_TOKEN = 1e-6  # prices are quoted in USD per million tokens
 # A token count beyond this, in one call, is a unit slip or garbage, not an answer: refused where
 # callers report counts, before it reaches a cost estimate.
 MAX_TOKENS = 10_000_000
+# Likewise a list price above this (USD per million tokens) is a unit slip, not a price.
+MAX_USD_PER_MTOK = 1e6
 # BPE tokenizers average about 4 characters per token on prose and fewer on code or hex; more than
 # 8 is not seen, so the character count bounds an estimate the word pieces would leave too low.
 MAX_CHARS_PER_TOKEN = 8.0

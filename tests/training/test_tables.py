@@ -74,6 +74,52 @@ def test_negative_cost_is_refused(data_dir: Path, tmp_path: Path) -> None:
         load_table(_write(tmp_path, p, o, m))
 
 
+def _break(change: str, p: pd.DataFrame, o: pd.DataFrame, m: pd.DataFrame) -> None:
+    if change == "huge_tokens":
+        o["output_tokens"] = o["output_tokens"].astype(float)
+        o.loc[0, "output_tokens"] = 1e15
+    elif change == "text_tokens":
+        o["input_tokens"] = [str(int(t)) for t in o["input_tokens"].fillna(1)]
+        o.loc[0, "input_tokens"] = "many"
+    elif change == "infinite_cost":
+        o.loc[0, "cost_usd"] = np.inf
+    elif change == "infinite_price":
+        m.loc[0, "input_usd_per_mtok"] = np.inf
+    elif change == "text_price":
+        m["input_usd_per_mtok"] = m["input_usd_per_mtok"].astype(object)
+        m.loc[0, "input_usd_per_mtok"] = "abc"
+    elif change == "integer_ids":
+        ids = {pid: i for i, pid in enumerate(p["prompt_id"])}
+        p["prompt_id"] = p["prompt_id"].map(ids)
+        o["prompt_id"] = o["prompt_id"].map(ids)
+    elif change == "null_id":
+        o.drop(o.index[o["prompt_id"] == p.loc[0, "prompt_id"]], inplace=True)
+        p.loc[0, "prompt_id"] = None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("huge_tokens", "output_tokens must be a count up to 10,000,000, found 1000000000000000.0"),
+        ("text_tokens", "input_tokens must be a count up to 10,000,000, found 'many'"),
+        ("infinite_cost", "cost_usd must be a finite number, found inf"),
+        ("infinite_price", "input_usd_per_mtok of .* must be a number from 0 to 1e\\+06, found inf"),
+        ("text_price", "input_usd_per_mtok of .* must be a number from 0 to 1e\\+06, found 'abc'"),
+        ("integer_ids", "prompt_id must be text, found int64 values"),
+        ("null_id", "prompt_id is null in row 0"),
+    ],
+)
+def test_values_no_evaluation_holds_are_refused_not_trained_on(
+    data_dir: Path, tmp_path: Path, change: str, message: str
+) -> None:
+    """Each of these loaded before: a 1e15-token answer trained into 1e9 USD estimates, a text
+    price was fitted over as if missing, integer ids emptied every carved split."""
+    p, o, m = _copy(data_dir, tmp_path)
+    _break(change, p, o, m)
+    with pytest.raises(TableError, match=message):
+        load_table(_write(tmp_path, p, o, m))
+
+
 def test_duplicate_pair_is_refused(data_dir: Path, tmp_path: Path) -> None:
     p, o, m = _copy(data_dir, tmp_path)
     o = pd.concat([o, o.iloc[[5]]], ignore_index=True)

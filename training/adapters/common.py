@@ -10,7 +10,7 @@ import pandas as pd
 
 from router.core.pricing import PER_TOKEN
 from training.outputs import TABLE_MARKER, replaced_dir
-from training.tables import PRICE_COLUMNS, RoutingTable, TableError
+from training.tables import PRICE_COLUMNS, RoutingTable, TableError, check_prices
 
 TEST_FRACTION = 0.2
 
@@ -27,6 +27,7 @@ def read_prices(path: Path) -> pd.DataFrame:
     missing = [c for c in PRICE_COLUMNS if c not in prices.columns]
     if missing:
         raise TableError(f"{path}: missing column(s) {', '.join(missing)}")
+    check_prices(prices, str(path))
     if "price_source" not in prices.columns:
         prices["price_source"] = str(path.name)
     return prices
