@@ -122,6 +122,12 @@ class RoutingTable:
         listed = self.prices["model"]
         if listed.duplicated().any():
             raise TableError(f"{self.name} models: duplicate model {listed[listed.duplicated()].iloc[0]!r}")
+        for names, what in ((o["model"], "outcomes"), (listed, "models")):
+            padded = [n for n in names.dropna().unique() if str(n) != str(n).strip()]
+            if padded:
+                raise TableError(
+                    f"{self.name} {what}: model name {padded[0]!r} has leading or trailing spaces"
+                )
         unpriced = sorted(set(o["model"]) - set(self.prices["model"]))
         if unpriced:
             raise TableError(f"{self.name}: model {unpriced[0]!r} has outcomes but no row in models.csv")

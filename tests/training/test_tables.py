@@ -92,6 +92,8 @@ def _break(change: str, p: pd.DataFrame, o: pd.DataFrame, m: pd.DataFrame) -> No
         ids = {pid: i for i, pid in enumerate(p["prompt_id"])}
         p["prompt_id"] = p["prompt_id"].map(ids)
         o["prompt_id"] = o["prompt_id"].map(ids)
+    elif change == "padded_name":
+        m.loc[0, "model"] = f" {m.loc[0, 'model']} "
     elif change == "null_id":
         o.drop(o.index[o["prompt_id"] == p.loc[0, "prompt_id"]], inplace=True)
         p.loc[0, "prompt_id"] = None
@@ -107,6 +109,7 @@ def _break(change: str, p: pd.DataFrame, o: pd.DataFrame, m: pd.DataFrame) -> No
         ("text_price", "input_usd_per_mtok of .* must be a number from 0 to 1e\\+06, found 'abc'"),
         ("integer_ids", "prompt_id must be text, found int64 values"),
         ("null_id", "prompt_id is null in row 0"),
+        ("padded_name", "models: model name ' .* ' has leading or trailing spaces"),
     ],
 )
 def test_values_no_evaluation_holds_are_refused_not_trained_on(
