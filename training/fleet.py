@@ -36,7 +36,7 @@ from training.metrics import evaluate
 from training.onnx_graph import chain, select_columns
 from training.reference import Reference, prompt_key
 from training.settings import TrainSettings
-from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table, plain
+from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table, out_of_range, plain
 from training.validation import DEFAULT_PRESET, calibrate_presets, spend_curve
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def read_scored(prompts_path: Path, outcomes_path: Path, model: str) -> Scored:
         )
     given = mine.get("output_tokens", pd.Series(np.nan, index=mine.index))
     tokens = pd.to_numeric(given, errors="coerce")
-    bad = (given.notna() & tokens.isna()) | (tokens < 0) | (tokens > MAX_TOKENS)
+    bad = out_of_range(given, MAX_TOKENS)
     if bad.any():
         raise FleetError(
             f"{outcomes_path}: output_tokens must be a number of tokens from 0 to {MAX_TOKENS:,}, "

@@ -20,10 +20,14 @@ BUNDLE_MARKER = "manifest.json"
 TABLE_MARKER = "outcomes.parquet"
 
 
-def _creatable_parent(path: Path) -> None:
+def _no_file_above(path: Path) -> None:
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise OutputError(f"{path}: {blocking} is a file, not a directory")
+
+
+def _creatable_parent(path: Path) -> None:
+    _no_file_above(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -45,9 +49,7 @@ def writable_dir(path: Path) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} is a file; give a directory to write the report into")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise OutputError(f"{path}: {blocking} is a file, not a directory")
+    _no_file_above(path)
     return path
 
 

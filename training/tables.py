@@ -38,14 +38,19 @@ def plain(value: object) -> object:
     return item() if callable(item) else value
 
 
+def out_of_range(given: pd.Series, high: float) -> pd.Series:
+    """Cells that hold something other than a finite number from 0 to `high` (empty cells pass)."""
+    value = pd.to_numeric(given, errors="coerce").astype(float)
+    return (given.notna() & value.isna()) | (value < 0) | (value > high) | np.isinf(value)
+
+
 def check_prices(prices: pd.DataFrame, where: str) -> None:
     """A price given must be one (an empty cell is unknown, and may be fitted from costs)."""
     for col in PRICE_COLUMNS[1:]:
         if col not in prices.columns:
             continue
         given = prices[col]
-        value = pd.to_numeric(given, errors="coerce")
-        bad = (value.isna() & given.notna()) | (value < 0) | (value > MAX_USD_PER_MTOK)
+        bad = out_of_range(given, MAX_USD_PER_MTOK)
         if bad.any():
             raise TableError(
                 f"{where}: {col} of {prices.loc[bad, 'model'].iloc[0]!r} must be a number from 0 to "
@@ -107,8 +112,7 @@ class RoutingTable:
             values = pd.to_numeric(o[col], errors="coerce").astype(float)
             if (values < 0).any():
                 raise TableError(f"{self.name} outcomes: negative {col} ({values[values < 0].iloc[0]})")
-            top = np.inf if col == "cost_usd" else MAX_TOKENS
-            bad = (values.isna() & o[col].notna()) | (values > top) | np.isinf(values)
+            bad = out_of_range(o[col], np.inf if col == "cost_usd" else MAX_TOKENS)
             if bad.any():
                 limit = "a finite number" if col == "cost_usd" else f"a count up to {MAX_TOKENS:,}"
                 raise TableError(
