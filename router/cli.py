@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from router.core.errors import BundleError, InvalidRequest
-from router.serving.requests import BLANK, blank
+from router.core.features import BLANK, blank
 
 EXIT_USAGE = 2
 COMMAND_GROUP = "router.commands"

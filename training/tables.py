@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from router.core.features import BLANK, blank
 from router.core.pricing import MAX_TOKENS, MAX_USD_PER_MTOK
 from training.errors import TableError
 from training.implied_prices import fill_prices
@@ -95,6 +96,15 @@ class RoutingTable:
             raise TableError(f"{self.name} prompts: duplicate prompt_id {dup!r}")
         if p["prompt"].isna().any():
             raise TableError(f"{self.name} prompts: {int(p['prompt'].isna().sum())} prompt(s) are null")
+        empty = p["prompt"].map(lambda text: blank(str(text)))
+        if empty.any():
+            # `router feedback export` of a store kept without --store-prompts writes no text; its
+            # outcomes reach a retrain through the stored features instead.
+            raise TableError(
+                f"{self.name} prompts: {int(empty.sum())} prompt(s) have no text (first: prompt_id "
+                f"{p.loc[empty, 'prompt_id'].iloc[0]!r}); a prompt {BLANK}. Outcomes logged without "
+                "their text join a retrain with `router train --data TABLE --feedback URL`"
+            )
         bad_split = sorted(set(p["split"].dropna().unique()) - set(SPLITS))
         if bad_split or p["split"].isna().any():
             raise TableError(f"{self.name} prompts: split must be train or test, found {bad_split or 'null'}")

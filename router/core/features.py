@@ -8,6 +8,7 @@ this module when a bundle is loaded.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,15 @@ from router.core.embedder import TokenizedPrompt
 FEATURE_VERSION = "1"
 # Cheap, length- and shape-aware signals that a sentence embedding normalises away.
 EXTRA_FEATURES = ("log_tokens", "log_chars", "log_lines", "digit_frac", "non_ascii_frac", "truncated")
+
+
+# A prompt with nothing visible has nothing to embed: the service refuses it, and so does a table.
+BLANK = "must not be empty, nor only whitespace or invisible characters"
+
+
+def blank(text: str) -> bool:
+    """Nothing visible: only whitespace, controls and format characters (NUL, zero-width space)."""
+    return all(unicodedata.category(c)[0] in "CZ" for c in text)
 
 
 def feature_names(embedding_dim: int) -> list[str]:

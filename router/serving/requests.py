@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass
 
 from router.core.engine import Engine
 from router.core.errors import InvalidRequest
+from router.core.features import BLANK, blank
 from router.core.policy import Decision, Preferences
 
 
@@ -36,14 +36,6 @@ class Limits:
     max_in_flight: int
     max_batch_size: int
     max_batch_wait_s: float
-
-
-BLANK = "must not be empty, nor only whitespace or invisible characters"
-
-
-def blank(text: str) -> bool:
-    """Nothing visible: only whitespace, controls and format characters (NUL, zero-width space)."""
-    return all(unicodedata.category(c)[0] in "CZ" for c in text)
 
 
 def validate(query: RouteQuery, engine: Engine, limits: Limits) -> Preferences:

@@ -141,7 +141,7 @@ def test_acknowledged_outcomes_survive_sigkill(small_bundle: Path, tmp_path: Pat
 
 
 def test_logged_feedback_exports_as_a_table_and_folds_into_a_retrain(
-    small_bundle: Path, data_dir: Path, tmp_path: Path
+    small_bundle: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import pandas as pd
 
@@ -172,6 +172,10 @@ def test_logged_feedback_exports_as_a_table_and_folds_into_a_retrain(
     assert main(["feedback", "export", "--store", f"sqlite://{path}", "--out", str(tmp_path)]) == 2
     assert main(["feedback", "export", "--store", f"sqlite://{path}x", "--out", str(out)]) == 2
     assert path.is_file() and not path.with_name(path.name + "x").exists()
+    # the export has no text to embed, so it is refused as a table to train on, naming the way in
+    capsys.readouterr()
+    assert main(["train", "--data", str(out), "--out", str(tmp_path / "from-export")]) == 2
+    assert "12 prompt(s) have no text" in capsys.readouterr().err
     bundle = tmp_path / "retrained"
     code = main(["train", "--data", str(data_dir / "mmlu_pro"), "--max-prompts", str(SMALL_PROMPTS),
                  "--feedback", f"sqlite://{path}", "--out", str(bundle)])  # fmt: skip

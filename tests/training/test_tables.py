@@ -94,6 +94,8 @@ def _break(change: str, p: pd.DataFrame, o: pd.DataFrame, m: pd.DataFrame) -> No
         o["prompt_id"] = o["prompt_id"].map(ids)
     elif change == "padded_name":
         m.loc[0, "model"] = f" {m.loc[0, 'model']} "
+    elif change == "blank_prompt":
+        p.loc[1, "prompt"] = " \u200b\n"
     elif change == "null_id":
         o.drop(o.index[o["prompt_id"] == p.loc[0, "prompt_id"]], inplace=True)
         p.loc[0, "prompt_id"] = None
@@ -109,6 +111,7 @@ def _break(change: str, p: pd.DataFrame, o: pd.DataFrame, m: pd.DataFrame) -> No
         ("text_price", "input_usd_per_mtok of .* must be a number from 0 to 1e\\+06, found 'abc'"),
         ("integer_ids", "prompt_id must be text, found int64 values"),
         ("null_id", "prompt_id is null in row 0"),
+        ("blank_prompt", "1 prompt\\(s\\) have no text \\(first: prompt_id '.*'\\).*--feedback URL"),
         ("padded_name", "models: model name ' .* ' has leading or trailing spaces"),
     ],
 )
@@ -116,7 +119,8 @@ def test_values_no_evaluation_holds_are_refused_not_trained_on(
     data_dir: Path, tmp_path: Path, change: str, message: str
 ) -> None:
     """Each of these loaded before: a 1e15-token answer trained into 1e9 USD estimates, a text
-    price was fitted over as if missing, integer ids emptied every carved split."""
+    price was fitted over as if missing, integer ids emptied every carved split, a prompt with no
+    visible text was embedded as if it had some."""
     p, o, m = _copy(data_dir, tmp_path)
     _break(change, p, o, m)
     with pytest.raises(TableError, match=message):
