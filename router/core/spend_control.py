@@ -99,10 +99,13 @@ class SpendController:
 
     def report(self, predicted_usd: float, reported_usd: float) -> None:
         """A caller's reported cost for one decision this controller steered; taken as at most
-        RATIO_RANGE off its prediction, so that one report in the wrong unit cannot outweigh the rest."""
-        if predicted_usd > 0.0:
-            low, high = RATIO_RANGE
-            reported_usd = min(max(reported_usd, low * predicted_usd), high * predicted_usd)
+        RATIO_RANGE off its prediction, so that one report in the wrong unit cannot outweigh the rest.
+        A decision predicted to cost nothing (a model priced at 0) gives that range no scale, so its
+        report is left out: taken whole, one report could push the state past any float."""
+        if not predicted_usd > 0.0:
+            return
+        low, high = RATIO_RANGE
+        reported_usd = min(max(reported_usd, low * predicted_usd), high * predicted_usd)
         if self.average_usd is not None:
             self.average_usd += self.smoothing * (reported_usd - predicted_usd * self.correction)
         keep = 1.0 - CORRECTION_SMOOTHING

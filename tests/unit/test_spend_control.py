@@ -88,3 +88,18 @@ def test_a_wild_reported_cost_moves_w_a_bounded_step_and_it_recovers() -> None:
     assert all(W_MIN <= w <= W_MAX for w in weights)
     spend = [_spend(w, 1.0, rng) for w in weights[-2000:]]
     assert float(np.mean(spend)) == pytest.approx(0.01, rel=0.15)
+
+
+def test_a_report_on_a_decision_predicted_free_leaves_the_state_finite() -> None:
+    """A model priced at 0 gives the reported/predicted check no scale; taken whole, reports of
+    1e308 USD made the state inf, then w NaN, and every later flush of the spend store failed."""
+    controller = SpendController(0.001, cost_weight=0.1)
+    controller.observe(0.002)
+    before = controller.state
+    for _ in range(3):
+        controller.report(0.0, 1e308)
+    assert controller.state == before and controller.correction == 1.0
+    controller.observe(0.0)
+    state = controller.state
+    assert all(np.isfinite(v) for v in (state.cost_weight, state.average_usd, state.reported_usd))
+    assert W_MIN <= controller.cost_weight <= W_MAX
