@@ -12,7 +12,7 @@ service makes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -145,6 +145,10 @@ def _fallback_reason(prefs: Preferences, best: Estimate) -> str:
         f"no allowed model is predicted to meet both {_ceilings(prefs).replace(' or ', ' and ')}; "
         f"chose the allowed model closest to them ({cost}, {latency})"
     )
+
+
+# The exploration rule with its random numbers bound: a greedy decision -> (served, propensity).
+Explore = Callable[[Decision], tuple[Decision, float]]
 
 
 def explore(decision: Decision, rate: float, draw: float, pick: float) -> tuple[Decision, float]:

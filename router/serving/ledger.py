@@ -36,7 +36,7 @@ from pathlib import Path
 
 from router.core.engine import Engine, Estimates
 from router.core.errors import BudgetExhausted, InvalidRequest
-from router.core.policy import Decision, Preferences
+from router.core.policy import Decision, Explore, Preferences
 from router.core.spend_control import SpendController, initial_cost_weight
 from router.serving.budgets import BudgetsWatch, TenantBudget
 from router.serving.metrics import Metrics
@@ -131,11 +131,15 @@ class Ledger:
         prefs: Preferences,
         tenant: str,
         explicit_weight: bool,
-    ) -> Decision:
+        explore: Explore | None = None,
+    ) -> tuple[Decision, float]:
+        """The tenant's decision and its propensity. `explore` (the service's exploration rule)
+        applies before the booking, so that the spend booked and steered on is what is served;
+        never for a tenant with a hard cap, whose every call must stay within what is left."""
         with self._lock:
             budget = self.budget(tenant)
             if budget is None:  # pragma: no cover - the service only asks for configured tenants
-                return engine.decide_row(estimates, row, prefs)
+                return engine.decide_row(estimates, row, prefs), 1.0
             controller = self._controller(tenant, budget, engine)
             if controller is not None and not explicit_weight:
                 prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
@@ -160,7 +164,9 @@ class Ledger:
                     note = (
                         f"max_cost_usd is what tenant {tenant!r} has left this window ({remaining:.3g} USD); "
                     )
-            decision = engine.decide_row(estimates, row, prefs)
+            decision, propensity = engine.decide_row(estimates, row, prefs), 1.0
+            if explore is not None and budget.limit_usd is None:
+                decision, propensity = explore(decision)
             cost = decision.chosen.estimate.cost_usd
             if 0 < remaining < cost and budget.on_exhausted == "reject":
                 self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
@@ -169,7 +175,9 @@ class Ledger:
                     f"model is predicted to cost {cost:.3g} USD"
                 )
             self._record(tenant, budget, cost, controller, now)
-            return dataclasses.replace(decision, reason=note + decision.reason) if note else decision
+            if note:
+                decision = dataclasses.replace(decision, reason=note + decision.reason)
+            return decision, propensity
 
     def reported_cost(self, tenant: str, predicted_usd: float, reported_usd: float) -> None:
         """A caller's reported cost for one of the tenant's decisions (from outcome feedback)."""

@@ -20,7 +20,7 @@ from router.core.engine import Engine, Estimated, Estimates
 from router.core.errors import DeadlineExceeded, FeedbackDisabled, NotReady, Overloaded, RouterError
 from router.core.feedback_store import DecisionRecord
 from router.core.manifest import ModelSpec, PresetSpec
-from router.core.policy import Decision, Preferences, explore
+from router.core.policy import Decision, Explore, Preferences, explore
 from router.serving.batching import MicroBatcher
 from router.serving.budgets import tenant_of
 from router.serving.bundle_store import BundleStore
@@ -188,16 +188,20 @@ class RouterService:
 
     def _decide(self, engine: Engine, estimates: Estimates, row: int, job: _Job) -> tuple[Decision, float]:
         """One call's decision, through its tenant's ledger where the budgets configure the tenant,
-        and the probability it had of being made (below 1 only for exploration). A tenant with a
-        hard cap is not explored: the ledger has booked the decision's cost against the cap."""
-        budget = self.ledger.budget(job.tenant) if self.ledger is not None else None
-        if self.ledger is not None and budget is not None:
-            decision = self.ledger.decide(engine, estimates, row, job.prefs, job.tenant, job.explicit_weight)
-        else:
-            decision = engine.decide_row(estimates, row, job.prefs)
-        if self.explore > 0 and (budget is None or budget.limit_usd is None):
-            return explore(decision, self.explore, self._random.random(), self._random.random())
-        return decision, 1.0
+        and the probability it had of being made (below 1 only for exploration). The ledger books
+        the model served, explored or not (a tenant with a hard cap is not explored)."""
+        draw: Explore | None = None
+        if self.explore > 0:
+
+            def draw(greedy: Decision) -> tuple[Decision, float]:
+                return explore(greedy, self.explore, self._random.random(), self._random.random())
+
+        if self.ledger is not None and self.ledger.budget(job.tenant) is not None:
+            return self.ledger.decide(
+                engine, estimates, row, job.prefs, job.tenant, job.explicit_weight, draw
+            )
+        decision = engine.decide_row(estimates, row, job.prefs)
+        return draw(decision) if draw is not None else (decision, 1.0)
 
     def _record(
         self,

@@ -244,6 +244,23 @@ def test_reported_costs_steer_a_spend_target_by_the_bill(server, tmp_path: Path,
     assert billed.cost_weight > 3 * estimated.cost_weight, (billed.cost_weight, estimated.cost_weight)
 
 
+def test_explored_calls_of_a_tenant_with_a_target_book_the_model_served(
+    server, tmp_path: Path, typical_cost: float
+) -> None:
+    """Exploration serves a model other than the greedy one; the ledger books and steers on the
+    one served (it booked the greedy choice's cost, so a target drifted by what exploring spent)."""
+    budgets = tmp_path / "budgets.yaml"
+    _write(budgets, f"tenants:\n  steered: {{target_usd_per_1k: {1000 * typical_cost!r}}}\n")
+    settings = {"budgets": budgets, "spend_store": tmp_path / "spend.sqlite", "explore": 1.0}
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        responses = [_route(stub, PROMPTS[i % len(PROMPTS)], "steered") for i in range(24)]
+        booked = srv.server.metrics.tenant_spend.labels(tenant="steered")._value.get()
+    assert all(r.reason.startswith("exploration:") for r in responses)
+    greedy = [max(r.estimates, key=lambda e: e.utility) for r in responses]
+    assert sum(g.model != r.model for g, r in zip(greedy, responses, strict=True)) >= 6
+    assert booked == pytest.approx(sum(_cost(r) for r in responses), rel=1e-9)
+
+
 def test_spend_acted_on_survives_sigkill(small_bundle: Path, tmp_path: Path) -> None:
     """Every decision's spend is in the store before its answer leaves: kill -9, then count."""
     import sqlite3
