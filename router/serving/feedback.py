@@ -78,8 +78,14 @@ class FeedbackQuery:
 
 
 def _check(query: FeedbackQuery) -> None:
-    if not query.decision_id or len(query.decision_id) > 64:
-        raise InvalidRequest("decision_id", "must be the decision_id of a RouteResponse")
+    # Ids are printable ASCII; anything else is refused here, before it reaches the store (a NUL,
+    # which PostgreSQL's text refuses, failed every outcome committed in the same batch).
+    decision_id = query.decision_id
+    if not decision_id or len(decision_id) > 64 or not (decision_id.isascii() and decision_id.isprintable()):
+        raise InvalidRequest(
+            "decision_id",
+            "must be the decision_id of a RouteResponse (printable ASCII, at most 64 characters)",
+        )
     if query.score is None:
         raise InvalidRequest("score", "is required: a number in [0, 1]")
     if not math.isfinite(query.score) or not 0.0 <= query.score <= 1.0:

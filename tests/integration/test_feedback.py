@@ -49,6 +49,7 @@ def test_feedback_is_recorded_once_and_bad_feedback_is_refused(small_bundle: Pat
             # a count no answer has: it would turn every nearby prompt's cost estimate to trillions
             (lambda: send_feedback(stub, ids[1], 0.5, output_tokens=2**62), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: send_feedback(stub, "", 0.5), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: send_feedback(stub, ids[1] + "\x00", 0.5), grpc.StatusCode.INVALID_ARGUMENT),
         ]
         for call, code in cases:
             assert _code(call) == code

@@ -144,3 +144,26 @@ def test_a_decision_the_store_refuses_does_not_hold_up_the_others(
             send_feedback(stub, refused.decision_id, 0.5)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30).model  # still serving
+
+
+def test_a_decision_id_no_store_can_hold_is_refused_and_its_batch_mates_are_recorded(
+    small_bundle: Path, postgres: Postgres
+) -> None:
+    """A NUL in a decision_id reached PostgreSQL's lookup and failed every outcome committed in the
+    same batch with UNAVAILABLE, the sender's own included, so that it retried forever."""
+    with (
+        running_server(bundle=small_bundle, feedback_store=postgres.url) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        routed = [stub.Route(router_pb2.RouteRequest(prompt=f"{PROMPT} [{i}]"), timeout=30) for i in range(8)]
+        good, bad = [], []
+        for r in routed:  # interleaved, so that they share commit batches
+            for ids, decision_id in ((good, r.decision_id), (bad, f"{r.decision_id}\x00")):
+                request = router_pb2.FeedbackRequest(decision_id=decision_id, score=0.5)
+                ids.append(stub.Feedback.future(request, timeout=30))
+        assert all(call.result().recorded for call in good)
+        for call in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("decision_id:")
