@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, urlencode, urlparse
 
 import numpy as np
 
@@ -348,17 +348,28 @@ class PostgresStore(SqlStore):
 
 
 def shown(url: str) -> str:
-    """`url` fit for a message or a log: without its password."""
+    """`url` fit for a message or a log: without its password, in the user part or the query
+    (libpq takes `?password=...` as well as `user:password@`)."""
     parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    host = parsed.netloc.rpartition("@")[2]
-    return parsed._replace(netloc=f"{parsed.username or ''}:***@{host}").geturl()
+    query = parse_qsl(parsed.query, keep_blank_values=True)
+    in_query = any(key == "password" for key, _ in query)
+    if parsed.password is None and not in_query:
+        return url  # as given (a round trip would rewrite sqlite:///PATH)
+    if parsed.password is not None:
+        host = parsed.netloc.rpartition("@")[2]
+        parsed = parsed._replace(netloc=f"{parsed.username or ''}:***@{host}")
+    if in_query:
+        masked = [(key, "***" if key == "password" else value) for key, value in query]
+        parsed = parsed._replace(query=urlencode(masked, safe="*"))
+    return parsed.geturl()
 
 
 def _without_password(message: str, url: str) -> str:
-    password = urlparse(url).password
-    return message.replace(password, "***") if password else message
+    parsed = urlparse(url)
+    passwords = [parsed.password] + [v for k, v in parse_qsl(parsed.query) if k == "password"]
+    for password in filter(None, passwords):
+        message = message.replace(password, "***")
+    return message
 
 
 def sqlite_path(url: str) -> Path | None:
