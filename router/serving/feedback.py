@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from router.core.errors import InvalidRequest, NotFound, StoreUnavailable
+from router.core.errors import InvalidRequest, NotFound, Overloaded, StoreUnavailable
 from router.core.features import EXTRA_FEATURES
 from router.core.feedback_store import (
     DecisionRecord,
@@ -60,6 +60,9 @@ SYNC_S = 1.0
 SYNC_BATCH = 5_000
 # Outcomes committed together at most (they all wait for the one commit).
 COMMIT_BATCH = 256
+# Outcomes waiting for a commit at most; beyond, Feedback is RESOURCE_EXHAUSTED at once, so that a
+# slow or stalled store bounds what waits in memory instead of queueing every retry.
+MAX_QUEUED_OUTCOMES = 16 * COMMIT_BATCH
 PURGE_S = 3600.0
 # How long a skipped sequence number is looked for, counted from the receipt of the outcome after
 # it: the write that took it was in progress then, and writes last milliseconds.
@@ -119,7 +122,9 @@ class FeedbackService:
         self._cursor = 0
         self._gaps: dict[int, float] = {}  # skipped sequence number -> receipt of the outcome after it
         self._stop = threading.Event()
-        self._reports: queue.Queue[tuple[FeedbackQuery, Future[tuple[bool, str]]]] = queue.Queue()
+        self._reports: queue.Queue[tuple[FeedbackQuery, Future[tuple[bool, str]]]] = queue.Queue(
+            MAX_QUEUED_OUTCOMES
+        )
         loops = (("writer", FLUSH_S, self.flush), ("sync", SYNC_S, self.sync), ("purge", PURGE_S, self.purge))
         self._threads = [
             threading.Thread(target=self._loop, args=(every, work), name=f"feedback-{name}", daemon=True)
@@ -208,7 +213,13 @@ class FeedbackService:
             self.metrics.feedback_outcomes.labels(result="invalid").inc()
             future.set_exception(exc)
             return future
-        self._reports.put((query, future))
+        try:
+            self._reports.put_nowait((query, future))
+        except queue.Full:
+            self.metrics.feedback_outcomes.labels(result="overloaded").inc()
+            future.set_exception(
+                Overloaded(f"{MAX_QUEUED_OUTCOMES} outcomes are waiting for the store; retry with backoff")
+            )
         return future
 
     def _commit_loop(self) -> None:

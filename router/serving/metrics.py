@@ -36,7 +36,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("queue", "embed", "heads", "policy")
 FALLBACK_KINDS = ("cheapest", "rejected")
-FEEDBACK_RESULTS = ("recorded", "duplicate", "not_found", "invalid")
+FEEDBACK_RESULTS = ("recorded", "duplicate", "not_found", "invalid", "overloaded")
 STORE_OPS = ("record", "outcome", "sync", "purge")
 ROUTER_METHODS = (
     "/router.v1.Router/Route",
@@ -177,7 +177,7 @@ class Metrics:
         )
         self.feedback_outcomes = Counter(
             "router_feedback_outcomes",
-            "Feedback calls by result (recorded, duplicate, not_found, invalid).",
+            "Feedback calls by result (recorded, duplicate, not_found, invalid, overloaded).",
             ["result"],
             registry=r,
         )

@@ -106,3 +106,28 @@ def test_outcomes_queued_when_the_service_closes_are_committed_or_answered(tmp_p
         assert len(again.memory) == sum(answered)  # each one acknowledged is in the store
     finally:
         again.close()
+
+
+def test_outcomes_beyond_the_queue_bound_are_refused_at_once_and_the_queued_all_answered(
+    tmp_path: Path,
+) -> None:
+    """A stalled store (here: the commit thread not started yet) lets outcomes wait; past the bound
+    each further one is RESOURCE_EXHAUSTED at once instead of joining an unbounded queue."""
+    from router.core.errors import Overloaded
+    from router.serving.feedback import MAX_QUEUED_OUTCOMES
+
+    store = open_store(f"sqlite:///{tmp_path / 'feedback.sqlite'}")
+    metrics = Metrics()
+    service = FeedbackService(store, metrics, OnlineMemory(384), retention_s=3600)
+    ids = [f"{i:032x}" for i in range(MAX_QUEUED_OUTCOMES // 2 + 5)]
+    service.record([_decision(i) for i in ids])
+    queries = [FeedbackQuery(i, model, 0.5, None, None, None) for i in ids for model in MODELS]
+    futures = [service.submit(q) for q in queries]
+    refused = futures[MAX_QUEUED_OUTCOMES:]
+    assert len(refused) == 10 and all(isinstance(f.exception(timeout=0), Overloaded) for f in refused)
+    assert metrics.feedback_outcomes.labels(result="overloaded")._value.get() == 10
+    service.start()
+    try:
+        assert all(f.result(timeout=60)[0] for f in futures[:MAX_QUEUED_OUTCOMES])
+    finally:
+        service.close()
