@@ -29,6 +29,11 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 
 import numpy as np
 
+# How long a store call may wait for a connection, a lock or the server, in seconds. Past it the
+# call fails (Feedback answers UNAVAILABLE) rather than hang with a partitioned or locked server,
+# holding up the commit thread and the shutdown behind it.
+WAIT_S = 10.0
+
 
 class StoreError(Exception):
     """The store could not be reached or refused a write."""
@@ -271,7 +276,7 @@ class SqliteStore(SqlStore):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=WAIT_S)
         self._db.execute("PRAGMA journal_mode=WAL")
         # An outcome is acknowledged only after its transaction commits; FULL makes that commit
         # survive a power loss too, not only a killed process (outcomes are few, this is cheap).
@@ -306,6 +311,22 @@ class SqliteStore(SqlStore):
             self._db.close()
 
 
+# libpq: a connection whose server stops answering is dropped after about WAIT_S.
+_NO_HANG = {
+    "connect_timeout": int(WAIT_S),
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": int(WAIT_S * 1000),
+}
+
+
+def _statement_timeout(conn: Any) -> None:
+    conn.execute(f"SET statement_timeout = {int(WAIT_S * 1000)}")
+    conn.commit()
+
+
 class PostgresStore(SqlStore):
     MARK = "%s"
     SERIAL = "BIGSERIAL PRIMARY KEY"
@@ -319,8 +340,16 @@ class PostgresStore(SqlStore):
         try:
             # One plain connection first: the pool would only say that it timed out, where this
             # names the cause (refused, unknown host, wrong password, no such database).
-            psycopg.connect(url, connect_timeout=10).close()
-            self._pool = ConnectionPool(url, min_size=1, max_size=4, open=True, timeout=10)
+            psycopg.connect(url, connect_timeout=int(WAIT_S)).close()
+            self._pool = ConnectionPool(
+                url,
+                min_size=1,
+                max_size=4,
+                open=True,
+                timeout=WAIT_S,
+                kwargs=_NO_HANG,
+                configure=_statement_timeout,
+            )
             with self.transaction() as cur:
                 for statement in self.schema():
                     cur.execute(statement)

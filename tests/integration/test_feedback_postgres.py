@@ -167,3 +167,29 @@ def test_a_decision_id_no_store_can_hold_is_refused_and_its_batch_mates_are_reco
                 call.result()
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert info.value.details().startswith("decision_id:")
+
+
+def test_a_store_that_stops_answering_makes_feedback_unavailable_not_hang(
+    small_bundle: Path, postgres: Postgres
+) -> None:
+    """Another session holds the outcomes table locked: the store call waits for the lock, and
+    without a statement timeout the commit thread (and every Feedback behind it) waited until each
+    caller's deadline, and shutdown waited for it."""
+    from router.core.feedback_store import WAIT_S
+
+    with (
+        running_server(bundle=small_bundle, feedback_store=postgres.url) as srv,
+        router_stub(srv.address) as stub,
+    ):
+        routed = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30)
+        with psycopg.connect(postgres.url) as blocker:
+            blocker.execute("LOCK TABLE outcomes IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                request = router_pb2.FeedbackRequest(decision_id=routed.decision_id, score=0.5)
+                stub.Feedback(request, timeout=4 * WAIT_S)
+            waited = time.monotonic() - started
+            blocker.rollback()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert waited < 2.5 * WAIT_S
+        assert send_feedback(stub, routed.decision_id, 0.5).recorded  # the lock gone, it is taken
