@@ -17,10 +17,12 @@ tenant's calls share a batch. For a tenant the budgets file configures:
 Spend, for the caps, is the predicted cost of the chosen model, known when the decision is made.
 It is written to the spend store after each batch and read back at start-up, with each spend
 controller's state, so that a restart neither resets a cap nor restarts a controller from its
-first guess. The spend target steers by the reported cost where outcome feedback brings one
-(`reported_cost`): its controller scales predictions by what callers report against what was
-predicted. Spend of windows that started more than RETENTION_S (or two of the longest configured
-windows) ago is dropped, from memory and store, at start-up and hourly after.
+first guess. A call whose spend cannot be written is not answered (UNAVAILABLE); its predicted
+cost stays booked, so a cap errs on the safe side. The spend target steers by the reported cost
+where outcome feedback brings one (`reported_cost`): its controller scales predictions by what
+callers report against what was predicted. Spend of windows that started more than RETENTION_S
+(or two of the longest configured windows) ago is dropped, from memory and store, at start-up and
+hourly after.
 Tenants the file does not configure are routed as if there were no budgets.
 """
 
@@ -29,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from router.core.engine import Engine, Estimates
-from router.core.errors import BudgetExhausted, InvalidRequest
+from router.core.errors import BudgetExhausted, InvalidRequest, StoreUnavailable
 from router.core.policy import Decision, Explore, Preferences
 from router.core.spend_control import SpendController, initial_cost_weight
 from router.serving.budgets import BudgetsWatch, TenantBudget
@@ -222,12 +225,17 @@ class Ledger:
         self.metrics.tenant_spend.labels(tenant=tenant).inc(cost)
 
     def flush(self) -> None:
-        """Writes the spend of the decisions since the last flush (engine thread, once per batch)."""
+        """Writes the spend of the decisions since the last flush (engine thread, once per batch).
+        StoreUnavailable if it cannot: the spend stays booked and pending, and is written with the
+        next flush that can."""
         with self._lock:
             if not self._pending:
                 return
             states = {t: c.state for t, c in self._controllers.items()}
-            self.store.add(self._pending, states)
+            try:
+                self.store.add(self._pending, states)
+            except sqlite3.Error as exc:  # kept pending, for the next flush
+                raise StoreUnavailable(f"the spend store cannot be written: {exc}") from exc
             self._pending = {}
             self._saved |= states
             if self.clock() - self._pruned_at >= PRUNE_EVERY_S:

@@ -17,7 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from router.core.engine import Engine, Estimated, Estimates
-from router.core.errors import DeadlineExceeded, FeedbackDisabled, NotReady, Overloaded, RouterError
+from router.core.errors import (
+    DeadlineExceeded,
+    FeedbackDisabled,
+    NotReady,
+    Overloaded,
+    RouterError,
+    StoreUnavailable,
+)
 from router.core.feedback_store import DecisionRecord
 from router.core.manifest import ModelSpec, PresetSpec
 from router.core.policy import Decision, Explore, Preferences, explore
@@ -181,10 +188,30 @@ class RouterService:
                 if self.feedback is not None:
                     records.append(self._record(decision_id, job, engine, batch, row, decision, propensity))
         if self.ledger is not None:
-            self.ledger.flush()  # before the answers leave: what was decided on is on disk
+            records = self._book(jobs, results, records)
         if self.feedback is not None:
             self.feedback.record(records)  # written off this thread, in the background
         return results  # type: ignore[return-value]
+
+    def _book(
+        self, jobs: Sequence[_Job], results: list[RouteResult | BaseException], records: list[DecisionRecord]
+    ) -> list[DecisionRecord]:
+        """Writes the batch's spend before its answers leave. Where the spend store cannot be
+        written, the budgeted calls fail UNAVAILABLE (and their decisions are not logged) while the
+        others are answered; the decisions logged are returned."""
+        assert self.ledger is not None
+        try:
+            self.ledger.flush()
+            return records
+        except StoreUnavailable as exc:
+            log.error("%s", exc)
+            unbooked: set[str] = set()
+            for i, job in enumerate(jobs):
+                result = results[i]
+                if isinstance(result, RouteResult) and self.ledger.budget(job.tenant) is not None:
+                    unbooked.add(result.decision_id)
+                    results[i] = exc
+            return [r for r in records if r.id not in unbooked]
 
     def _decide(self, engine: Engine, estimates: Estimates, row: int, job: _Job) -> tuple[Decision, float]:
         """One call's decision, through its tenant's ledger where the budgets configure the tenant,

@@ -261,6 +261,35 @@ def test_explored_calls_of_a_tenant_with_a_target_book_the_model_served(
     assert booked == pytest.approx(sum(_cost(r) for r in responses), rel=1e-9)
 
 
+def test_a_spend_store_that_cannot_be_written_fails_only_the_budgeted_calls(server, tmp_path: Path) -> None:
+    """Another process holds the spend store's write lock. The budgeted call cannot be booked, so
+    it is UNAVAILABLE; a plain call is answered (before, the unwritten spend stayed pending and every
+    later batch, of every tenant, failed INTERNAL); once the lock goes, the spend is written."""
+    import sqlite3
+
+    budgets, store = tmp_path / "budgets.yaml", tmp_path / "spend.sqlite"
+    _write(budgets, "tenants:\n  capped: {limit_usd: 1000.0}\n")
+    settings = {"budgets": budgets, "spend_store": store}
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        _route(stub, PROMPTS[0], "capped")
+        holder = sqlite3.connect(store, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                _route(stub, PROMPTS[1], "capped")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "spend store" in info.value.details()
+            assert _route(stub, PROMPTS[2]).model  # the default tenant books nothing
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert _route(stub, PROMPTS[3], "capped").model
+        assert _route(stub, PROMPTS[2]).model
+    with sqlite3.connect(store) as db:
+        (calls,) = db.execute("SELECT SUM(calls) FROM spend WHERE tenant = 'capped'").fetchone()
+    assert calls == 3  # the refused call's predicted cost stays booked: a cap errs on the safe side
+
+
 def test_spend_acted_on_survives_sigkill(small_bundle: Path, tmp_path: Path) -> None:
     """Every decision's spend is in the store before its answer leaves: kill -9, then count."""
     import sqlite3
