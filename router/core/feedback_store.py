@@ -134,7 +134,7 @@ class SqlStore:
         ]
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:  # pragma: no cover - each store has its own
+    def transaction(self, write: bool = True) -> Iterator[Any]:  # pragma: no cover - each store has its own
         raise NotImplementedError
         yield
 
@@ -158,7 +158,7 @@ class SqlStore:
         """The stored decisions among `ids`."""
         if not ids:
             return {}
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             marks = ", ".join("?" * len(ids))
             cur.execute(
                 self._q(
@@ -211,7 +211,7 @@ class SqlStore:
         return found
 
     def _learned(self, where: str, params: Sequence[object]) -> list[LearnedOutcome]:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 self._q(
                     "SELECT o.seq, o.decision_id, o.model, o.score, o.output_tokens, d.features, "
@@ -243,7 +243,7 @@ class SqlStore:
 
     def export(self) -> Iterator[ExportRow]:
         """Every decision that has outcomes, with them."""
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 "SELECT d.id, d.created_at, d.tenant, d.bundle_version, d.model, d.cost_weight, "
                 "d.propensity, d.models, d.quality, d.cost_usd, d.output_tokens, d.input_tokens, "
@@ -285,11 +285,13 @@ class SqliteStore(SqlStore):
             self._db.execute(statement)
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, write: bool = True) -> Iterator[Any]:
+        """A read (`write=False`) takes no write lock: in WAL mode it then never waits for, nor holds
+        up, a writer (an export beside a live server)."""
         with self._lock:
             cur = self._db.cursor()
             try:
-                cur.execute("BEGIN IMMEDIATE")
+                cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 yield cur
                 cur.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -357,7 +359,7 @@ class PostgresStore(SqlStore):
             raise StoreError(f"{shown(url)}: {_without_password(str(exc), url)}") from exc
 
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
+    def transaction(self, write: bool = True) -> Iterator[Any]:
         import psycopg
 
         try:

@@ -13,7 +13,7 @@ import numpy as np
 
 from router.core.errors import StoreUnavailable
 from router.core.features import EXTRA_FEATURES
-from router.core.feedback_store import DecisionRecord, open_store
+from router.core.feedback_store import DecisionRecord, Outcome, open_store
 from router.core.online import OnlineMemory
 from router.serving.feedback import FeedbackQuery, FeedbackService
 from router.serving.metrics import Metrics
@@ -131,3 +131,27 @@ def test_outcomes_beyond_the_queue_bound_are_refused_at_once_and_the_queued_all_
         assert all(f.result(timeout=60)[0] for f in futures[:MAX_QUEUED_OUTCOMES])
     finally:
         service.close()
+
+
+def test_reading_the_store_neither_waits_for_nor_holds_up_a_writer(tmp_path: Path) -> None:
+    """An export (or the sync's reads) took the write lock: beside a live server it waited for the
+    server's commits and held them up, and a long one made them time out (UNAVAILABLE)."""
+    import sqlite3
+
+    path = tmp_path / "feedback.sqlite"
+    store = open_store(f"sqlite:///{path}")
+    store.record([_decision("c" * 32)])
+    store.add_outcomes([Outcome("c" * 32, "small", 1.0, None, 40, None, time.time())])
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # as the live server's commit holds it
+    try:
+        started = time.monotonic()
+        exported = list(store.export())
+        found = store.decisions(["c" * 32])
+        learned = store.outcomes_since(0, 10)
+        assert time.monotonic() - started < 2.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        store.close()
+    assert len(exported) == 1 and list(found) == ["c" * 32] and len(learned) == 1
