@@ -73,6 +73,7 @@ class Ledger:
         self._saved = store.controllers()
         self._controllers: dict[str, SpendController] = {}
         self._pending: dict[tuple[str, int], tuple[float, int]] = {}
+        self._reported = False  # a controller took a reported cost since the last flush
         self._configured: set[str] = set()
         # decisions run in the engine thread, reloads on the event loop: one at a time
         self._lock = threading.RLock()
@@ -188,6 +189,7 @@ class Ledger:
             controller = self._controllers.get(tenant)
             if controller is not None:
                 controller.report(predicted_usd, reported_usd)
+                self._reported = True
 
     def _controller(self, tenant: str, budget: TenantBudget, engine: Engine) -> SpendController | None:
         if budget.target_usd_per_1k is None:
@@ -229,14 +231,14 @@ class Ledger:
         StoreUnavailable if it cannot: the spend stays booked and pending, and is written with the
         next flush that can."""
         with self._lock:
-            if not self._pending:
+            if not self._pending and not self._reported:
                 return
             states = {t: c.state for t, c in self._controllers.items()}
             try:
                 self.store.add(self._pending, states)
             except sqlite3.Error as exc:  # kept pending, for the next flush
                 raise StoreUnavailable(f"the spend store cannot be written: {exc}") from exc
-            self._pending = {}
+            self._pending, self._reported = {}, False
             self._saved |= states
             if self.clock() - self._pruned_at >= PRUNE_EVERY_S:
                 before = self._prune_store()
@@ -264,6 +266,11 @@ class Ledger:
                 self.metrics.tenant_cap_remaining.labels(tenant=name).set(max(budget.limit_usd - spent, 0.0))
 
     def close(self) -> None:
+        """Writes what the last batch left (reported costs arrive after it), then closes the store."""
+        try:
+            self.flush()
+        except StoreUnavailable as exc:
+            log.error("%s; at shutdown", exc)
         self.store.close()
 
 

@@ -311,7 +311,8 @@ class RouterService:
     async def close(self) -> None:
         self._batcher.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.ledger is not None:
-            self.ledger.close()
+        # Feedback first: the outcomes it still commits report costs to the ledger.
         if self.feedback is not None:
             self.feedback.close()
+        if self.ledger is not None:
+            self.ledger.close()

@@ -357,6 +357,30 @@ def test_a_spend_controller_resumes_across_a_restart_where_it_stopped(
     assert restarted == pytest.approx(once, rel=1e-12)
 
 
+def test_reported_costs_after_the_last_call_are_kept_at_shutdown(server, tmp_path: Path) -> None:
+    """The controller's state was written only with a batch's spend, so the reported costs that
+    came after a tenant's last call were lost at shutdown, and the restart steered without them."""
+    import sqlite3
+
+    budgets, store = tmp_path / "budgets.yaml", tmp_path / "spend.sqlite"
+    _write(budgets, "tenants:\n  billed: {target_usd_per_1k: 1.0}\n")
+    settings = {
+        "budgets": budgets,
+        "spend_store": store,
+        "feedback_store": f"sqlite://{tmp_path / 'f.sqlite'}",
+    }
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        routed = [_route(stub, p, "billed") for p in PROMPTS]
+        for r in routed:
+            request = router_pb2.FeedbackRequest(decision_id=r.decision_id, score=1.0, cost_usd=2 * _cost(r))
+            assert stub.Feedback(request, timeout=30).recorded
+    with sqlite3.connect(store) as db:
+        reported, predicted = db.execute(
+            "SELECT reported_usd, predicted_usd FROM controller WHERE tenant = 'billed'"
+        ).fetchone()
+    assert predicted > 0 and reported == pytest.approx(2 * predicted, rel=1e-6)
+
+
 def test_a_spend_store_written_before_controller_state_was_kept_opens_and_prunes(tmp_path: Path) -> None:
     import sqlite3
 
