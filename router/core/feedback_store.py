@@ -229,12 +229,15 @@ class SqlStore:
         ]  # fmt: skip
 
     def purge(self, before: float) -> int:
-        """Deletes decisions made before `before` (Unix time), and their outcomes."""
+        """Deletes decisions made before `before` (Unix time), and their outcomes, and any outcome
+        whose decision is gone (one committed while a purge removed its decision, at the edge of
+        the retention window: it could never be learnt from or exported)."""
         with self.transaction() as cur:
             cur.execute(
                 self._q(
                     "DELETE FROM outcomes WHERE decision_id IN "
-                    "(SELECT id FROM decisions WHERE created_at < ?)"
+                    "(SELECT id FROM decisions WHERE created_at < ?) "
+                    "OR decision_id NOT IN (SELECT id FROM decisions)"
                 ),
                 (before,),
             )

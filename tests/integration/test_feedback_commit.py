@@ -155,3 +155,22 @@ def test_reading_the_store_neither_waits_for_nor_holds_up_a_writer(tmp_path: Pat
         writer.close()
         store.close()
     assert len(exported) == 1 and list(found) == ["c" * 32] and len(learned) == 1
+
+
+def test_a_purge_removes_outcomes_whose_decision_is_gone(tmp_path: Path) -> None:
+    """An outcome committed while a purge removed its decision (both at the edge of the retention
+    window) was never purged: nothing joins it to a decision any more."""
+    store = open_store(f"sqlite:///{tmp_path / 'feedback.sqlite'}")
+    try:
+        store.record([_decision("d" * 32)])
+        now = time.time()
+        store.add_outcomes([Outcome("d" * 32, "small", 1.0, None, None, None, now)])
+        store.add_outcomes([Outcome("e" * 32, "small", 0.0, None, None, None, now)])  # no decision
+        store.purge(before=now - 3600)
+        kept = [o.decision_id for o in store.outcomes_since(0, 10)]
+        with store.transaction(write=False) as cur:
+            cur.execute("SELECT decision_id FROM outcomes")
+            left = [row[0] for row in cur.fetchall()]
+    finally:
+        store.close()
+    assert kept == ["d" * 32] and left == ["d" * 32]
