@@ -61,7 +61,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict_to_parquet
 
-    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, check_file(Path(args.out)))
+    out = check_file(Path(args.out), inputs=[Path(args.bundle), Path(args.data)])
+    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, out)
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
@@ -104,7 +105,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _anchors(args: argparse.Namespace) -> int:
     from training.fleet import choose_anchors
 
-    out = check_file(Path(args.out))
+    out = check_file(Path(args.out), inputs=[Path(args.bundle), Path(args.data)])
     anchors = choose_anchors(Path(args.bundle), Path(args.data), args.n, seed=args.seed)
     anchors.to_parquet(out, index=False)
     print(f"wrote {len(anchors)} anchor prompts to {out}")

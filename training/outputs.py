@@ -34,11 +34,21 @@ def _creatable_parent(path: Path) -> None:
         raise OutputError(f"{path}: cannot create {path.parent}: {exc.strerror or exc}") from None
 
 
-def check_file(path: Path) -> Path:
-    """A file output: not a directory, in a directory that exists or can be made."""
+def _not_an_input(path: Path, inputs: Sequence[Path]) -> None:
+    resolved = path.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            raise OutputError(f"{path} is or holds this command's input {source}; write elsewhere")
+
+
+def check_file(path: Path, inputs: Sequence[Path] = ()) -> Path:
+    """A file output: not a directory, not one of the command's inputs nor inside one, in a
+    directory that exists or can be made."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give the path of a file to write")
+    _not_an_input(path, inputs)
     _creatable_parent(path)
     return path
 
@@ -56,11 +66,14 @@ def writable_dir(path: Path) -> Path:
 def check_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Path:
     """A directory output of the kind `marker` names, which replacing would lose nothing else."""
     out_dir = Path(out_dir)
-    resolved = out_dir.resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if resolved == source or resolved in source.parents:
-            raise OutputError(f"{out_dir} holds this command's input {source}; write to another directory")
+    if out_dir.is_symlink():
+        # Replacing the link's target in place would change what a server watching the link serves
+        # before the new version is complete; a new version goes beside it and the link is repointed.
+        raise OutputError(
+            f"{out_dir} is a symbolic link (to {out_dir.readlink()}): write to a new directory, then "
+            "repoint the link (README: hot swap)"
+        )
+    _not_an_input(out_dir, inputs)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir} is a file; give a directory to write")
     if out_dir.is_dir() and not (out_dir / marker).exists() and any(out_dir.iterdir()):
@@ -84,5 +97,11 @@ def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Ite
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    if out_dir.exists():  # moved aside whole, so that a failure leaves it whole
+        replaced = out_dir.with_name(out_dir.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        out_dir.rename(replaced)
+        staging.rename(out_dir)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,10 @@ def test_a_new_version_never_replaces_its_input_or_a_directory_that_is_not_a_bun
     (notes / "todo.txt").write_text("keep me", encoding="utf-8")
     a_file = tmp_path / "a-file"
     a_file.write_text("keep me too", encoding="utf-8")
+    link = tmp_path / "current"  # as a server is pointed at, for hot swaps
+    link.symlink_to(shutil.copytree(without, tmp_path / "v1"))
     for out, message in [
+        (link, "is a symbolic link"),  # replaced in place, it failed after all the work, leaving a copy
         (notes, "holds no manifest.json: refusing to replace it"),
         (without, "holds this command's input"),
         (without.parent, "holds this command's input"),
@@ -231,6 +235,12 @@ def test_a_new_version_never_replaces_its_input_or_a_directory_that_is_not_a_bun
     err = _refused(["anchors", "--bundle", str(without), "--data", str(tmp_path), "--n", "5",
                     "--out", str(notes)], capsys)  # fmt: skip
     assert "is a directory" in err
+    heads = next(without.glob("*.onnx"))  # a file output over an input's file: it replaced it
+    before = heads.read_bytes()
+    err = _refused(["anchors", "--bundle", str(without), "--data", str(tmp_path), "--n", "5",
+                    "--out", str(heads)], capsys)  # fmt: skip
+    assert "is or holds this command's input" in err and heads.read_bytes() == before
+    assert link.is_symlink() and not (tmp_path / "current.staging").exists()
 
 
 def test_the_manifest_records_the_fleet_history(added: Path) -> None:
