@@ -32,6 +32,11 @@ class Heads:
         n_models = outputs["quality"].shape[-1]
         if not isinstance(n_features, int) or not isinstance(n_models, int):
             raise ValueError(f"{name}: heads graph must have fixed feature and model dimensions")
+        if outputs["output_tokens"].shape[-1] != n_models:
+            raise ValueError(
+                f"{name}: heads graph gives output_tokens for {outputs['output_tokens'].shape[-1]} "
+                f"models and quality for {n_models}"
+            )
         self.n_features = n_features
         self.n_models = n_models
 

@@ -197,15 +197,37 @@ def _faulty(small_bundle: Path, tmp_path: Path, fault: str) -> Path:
             (bundle / "embedder" / "embedder.onnx").unlink()
         elif fault == "edited_manifest":
             manifest["policy"]["default_cost_weight"] = 0.5
+        elif fault == "narrow_output_tokens":
+            _narrow_output_tokens(heads)
+            manifest["files"]["heads.onnx"] = file_sha256(heads)
 
     edit_manifest(bundle, change, reseal=fault != "edited_manifest")
     return bundle
+
+
+def _narrow_output_tokens(heads: Path) -> None:
+    """The heads graph's output_tokens cut to its first model's column (quality left whole)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(heads)
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["output_tokens_all" if o == "output_tokens" else o for o in node.output]
+    graph.initializer.extend(
+        numpy_helper.from_array(np.array([v], dtype=np.int64), name) for name, v in (("s0", 0), ("s1", 1))
+    )
+    graph.node.append(helper.make_node("Slice", ["output_tokens_all", "s0", "s1", "s1"], ["output_tokens"]))
+    onnx.save(model, heads)  # ONNX Runtime infers the narrow width from the Slice
 
 
 @pytest.mark.parametrize(
     ("fault", "message"),
     [
         ("corrupt_onnx", "heads.onnx: not a loadable ONNX model"),
+        # one column of output lengths stretched over every model: garbage costs, then IndexError
+        ("narrow_output_tokens", "gives output_tokens for 1 models and quality for"),
         ("checksum_mismatch", "file 'heads.onnx': sha256 mismatch"),
         ("path_escape", "path '../heads.onnx' escapes the bundle directory"),
         ("missing_file", "file 'embedder/embedder.onnx' is listed in the manifest but missing"),
