@@ -38,6 +38,8 @@ def _safe_path(root: Path, relative: str) -> Path:
 def verify_files(root: Path, manifest: Manifest) -> dict[str, Path]:
     """Checks every listed file's checksum; returns the verified paths by manifest name."""
     needed = {manifest.embedder.onnx, manifest.embedder.tokenizer, manifest.heads.file}
+    if manifest.reference is not None:  # read by the fleet commands: checked like the rest
+        needed |= {manifest.reference.outcomes, manifest.reference.calibration}
     unlisted = needed - set(manifest.files)
     if unlisted:
         raise BundleError(f"file {sorted(unlisted)[0]!r} is used but has no sha256 in the manifest")

@@ -193,6 +193,8 @@ def _faulty(small_bundle: Path, tmp_path: Path, fault: str) -> Path:
         elif fault == "path_escape":
             manifest["heads"]["file"] = "../heads.onnx"
             manifest["files"]["../heads.onnx"] = manifest["files"].pop("heads.onnx")
+        elif fault == "unlisted_reference":  # the fleet commands read it: outside, unchecked
+            manifest["reference"]["outcomes"] = "../v2/reference/outcomes.json"
         elif fault == "missing_file":
             (bundle / "embedder" / "embedder.onnx").unlink()
         elif fault == "edited_manifest":
@@ -230,6 +232,7 @@ def _narrow_output_tokens(heads: Path) -> None:
         ("narrow_output_tokens", "gives output_tokens for 1 models and quality for"),
         ("checksum_mismatch", "file 'heads.onnx': sha256 mismatch"),
         ("path_escape", "path '../heads.onnx' escapes the bundle directory"),
+        ("unlisted_reference", "file '../v2/reference/outcomes.json' is used but has no sha256"),
         ("missing_file", "file 'embedder/embedder.onnx' is listed in the manifest but missing"),
         ("edited_manifest", "manifest_sha256 does not match the manifest's content"),
     ],
