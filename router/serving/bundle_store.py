@@ -3,12 +3,13 @@
 The store holds one `Active` bundle at a time and swaps it atomically when the watched path points
 at a new one: a call captures the bundle it was admitted under and finishes on it. A bundle that
 fails any check is refused, logged and counted, and remembered so that it is not retried until the
-path changes again; the old bundle keeps serving.
+path, the manifest or a file it lists changes; the old bundle keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -41,10 +42,23 @@ class Active:
 
 
 def manifest_key(path: Path) -> str:
-    """Identifies what a bundle path currently points at (a symlink swap or a rewrite changes it)."""
+    """Identifies what a bundle path currently points at: a symlink swap, a rewrite of the manifest
+    or of any file it lists changes it, so a bundle refused while its copy was still arriving is
+    looked at again once the copy is complete."""
     manifest = Path(path) / "manifest.json"
     stat = manifest.stat()
-    return f"{manifest.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    key = [f"{manifest.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"]
+    try:
+        listed = json.loads(manifest.read_bytes()).get("files", {})
+    except (ValueError, AttributeError):
+        listed = {}  # a manifest that does not parse: the load refuses it, its stat is the key
+    for name in sorted(listed) if isinstance(listed, dict) else ():
+        try:
+            file = (manifest.parent / str(name)).stat()
+            key.append(f"{name}:{file.st_mtime_ns}:{file.st_size}")
+        except (OSError, ValueError):
+            key.append(f"{name}:missing")
+    return "|".join(key)
 
 
 def warm_up(engine: Engine) -> None:

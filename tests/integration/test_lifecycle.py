@@ -110,6 +110,28 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(small_bundle: Pat
         wait_for_version(stub, "faults-good2")
 
 
+def test_a_bundle_refused_while_its_copy_was_incomplete_is_taken_once_it_is_complete(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    """The link repointed before the last file of the new version arrived: refused, and (keyed on
+    the manifest alone) never looked at again until someone touched the manifest or restarted."""
+    current = tmp_path / "current"
+    point_link(current, _variant(small_bundle, tmp_path / "v1", "copy-v1"))
+    with running_server(bundle=current, bundle_poll_s=0.1) as srv, router_stub(srv.address) as stub:
+        wait_for_version(stub, "copy-v1")
+        late = _variant(small_bundle, tmp_path / "v2", "copy-v2")
+        heads = (late / "heads.onnx").read_bytes()
+        (late / "heads.onnx").unlink()
+        point_link(current, late)
+        deadline = time.monotonic() + 30
+        while _metric(srv, "router_bundle_loads_total", 'result="failure"') < 1:
+            assert time.monotonic() < deadline, "the incomplete bundle was never looked at"
+            time.sleep(0.1)
+        assert stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=10).bundle_version == "copy-v1"
+        (late / "heads.onnx").write_bytes(heads)  # the copy completes
+        wait_for_version(stub, "copy-v2")
+
+
 # grpc.aio logs and prints this when the transport cancels a call in the instant between its
 # arrival and the start of its handler (as it does to calls racing the shutdown): no router code runs
 # and the client gets CANCELLED. Any other traceback is the router's.
