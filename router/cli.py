@@ -60,9 +60,12 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
     try:
         settings = ServeSettings(**overrides)
+        settings.token()  # an empty or unreadable token is refused before anything starts
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CliError(f"setting {'.'.join(map(str, first['loc'])) or ''}: {first['msg']}") from exc
+    except (ValueError, OSError) as exc:
+        raise CliError(f"auth token: {exc}") from exc
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )

@@ -23,6 +23,14 @@ if _missing:
     raise ImportError(f"the train extra is not installed (missing: {', '.join(_missing)})")
 
 
+def count(text: str) -> int:
+    """A count argument: 0 or less would silently mean 'no limit' or nothing at all."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from training.pipeline import TrainConfig, train_bundle
 
@@ -175,7 +183,7 @@ def register(sub: Any) -> tuple[type[Exception], ...]:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the validation carving (and of --max-prompts sampling)"
     )
-    p.add_argument("--max-prompts", type=int, default=None, help="train on a sample of this many prompts")
+    p.add_argument("--max-prompts", type=count, default=None, help="train on a sample of this many prompts")
     p.add_argument(
         "--feedback", default=None, help="a feedback store URL whose outcomes join the training rows"
     )

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -93,6 +94,14 @@ class RouterServer:
         self._watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
+    @staticmethod
+    def _bind(add_port: Callable[[], int], address: str) -> int:
+        """grpc says a port it cannot bind (in use, no permission) with a bare RuntimeError."""
+        try:
+            return add_port()
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from exc
+
     async def start(self) -> None:
         s = self.settings
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorsAndMetrics(self.metrics)]
@@ -126,15 +135,16 @@ class RouterServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.host}:{s.port}"
+        grpc_server = self._server
         if s.tls_cert is not None and s.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
                 [(_read(s.tls_key), _read(s.tls_cert))],
                 root_certificates=_read(s.tls_client_ca) if s.tls_client_ca else None,
                 require_client_auth=s.tls_client_ca is not None,
             )
-            self.port = self._server.add_secure_port(address, credentials)
+            self.port = self._bind(lambda: grpc_server.add_secure_port(address, credentials), address)
         else:
-            self.port = self._server.add_insecure_port(address)
+            self.port = self._bind(lambda: grpc_server.add_insecure_port(address), address)
         http_server, _ = start_http_server(
             s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry
         )

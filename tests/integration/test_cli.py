@@ -245,3 +245,28 @@ def test_serve_refuses_a_faulty_bundle_at_start_up(
     assert result.returncode == 2
     assert "refused" in result.stderr and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_and_train_refuse_bad_settings_in_one_line(small_bundle: Path, tmp_path: Path) -> None:
+    """Each of these gave a traceback (an empty token file, a port already taken) or silently
+    trained on the whole table (--max-prompts 0)."""
+    import socket
+
+    empty = tmp_path / "token"
+    empty.write_text("\n", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (["serve", "--bundle", str(small_bundle), "--port", "0", "--metrics-port", "0",
+              "--auth-token-file", str(empty)], "auth token: the auth token is empty"),
+            (["serve", "--bundle", str(small_bundle), "--host", "127.0.0.1", "--port", port,
+              "--metrics-port", "0"], f"cannot listen on 127.0.0.1:{port}"),
+            (["train", "--data", str(tmp_path), "--max-prompts", "0", "--out", str(tmp_path / "b")],
+             "--max-prompts: must be at least 1, got 0"),
+        ]  # fmt: skip
+        for args, message in cases:
+            result = run(*args, timeout=120)
+            assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+            assert "Traceback" not in result.stderr
