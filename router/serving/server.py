@@ -93,6 +93,7 @@ class RouterServer:
         self._metrics_http: object | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._stopping = False
 
     @staticmethod
     def _bind(add_port: Callable[[], int], address: str) -> int:
@@ -177,8 +178,9 @@ class RouterServer:
 
     async def shutdown(self) -> None:
         """NOT_SERVING, refuse new calls, let admitted ones finish within the grace period, stop."""
-        if self._stopped.is_set():
+        if self._stopping:  # a second SIGTERM or Ctrl-C: the first shutdown is under way
             return
+        self._stopping = True
         grace = self.settings.grace_period_s
         log.info("shutting down: draining for up to %.1f s", grace)
         await self.health.enter_graceful_shutdown()

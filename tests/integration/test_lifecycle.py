@@ -167,8 +167,11 @@ def test_sigterm_drains_accepted_calls_then_exits(small_bundle: Path) -> None:
                 time.sleep(0.05)
             sigterm_at = time.monotonic()
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)  # an impatient second one joins the first shutdown
             assert proc.wait(timeout=30) == 0
         stderr_tail = proc.stderr.read()
+        assert stderr_tail.count("shutting down") == 1 and stderr_tail.count("shut down after") == 1
     finally:
         if proc.poll() is None:
             proc.kill()
