@@ -26,18 +26,19 @@ from router.core.bundle import Bundle
 from router.core.engine import Engine, Estimates, open_engine
 from router.core.features import PromptFeatures
 from router.core.heads import Heads
-from router.core.manifest import ChangeSpec, Manifest, ModelSpec, PolicySpec
+from router.core.manifest import ChangeSpec, Manifest, ModelSpec, PolicySpec, PresetSpec
+from router.core.policy import choose
 from router.core.pricing import MAX_TOKENS, MAX_USD_PER_MTOK, PER_TOKEN, Prices
 from training.added_model import PARITY_TOLERANCE, AddedModel, out_of_fold
 from training.bundle_writer import rewrite_bundle
 from training.embed_cache import EmbeddingCache
 from training.errors import FleetError
-from training.metrics import evaluate
+from training.metrics import W_GRID, evaluate
 from training.onnx_graph import chain, select_columns
 from training.reference import Reference, prompt_key
 from training.settings import TrainSettings
 from training.tables import LATENCY_COLUMNS, PRICE_COLUMNS, load_table, out_of_range, plain
-from training.validation import DEFAULT_PRESET, calibrate_presets, spend_curve
+from training.validation import DEFAULT_PRESET, PRESET_COST_FRACTIONS, spend_curve
 
 log = logging.getLogger(__name__)
 
@@ -346,25 +347,56 @@ def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
 # -- shared steps --------------------------------------------------------------------------------
 
 
-def recalibrated_policy(engine: Engine, calibration: PromptFeatures, old: PolicySpec) -> PolicySpec:
-    """Presets and c_ref for a changed bundle, from its own estimates on the calibration prompts.
+def recalibrated_policy(
+    engine: Engine, before: Engine, calibration: PromptFeatures, old: PolicySpec
+) -> PolicySpec:
+    """Presets and c_ref for a changed bundle (`engine`; `before`: the bundle it changes), from
+    both bundles' estimates on the calibration prompts, carried over from the old policy.
 
-    c_ref: the mean over models of the mean predicted cost (the trainer uses the table's observed
-    costs, which a changed fleet does not have). Each cost preset: the smallest w whose decisions'
-    mean predicted cost is at most its fraction of the predicted cost of the model with the best
-    mean predicted quality."""
-    est = engine.estimate_features(calibration)
-    c_ref = float(np.mean(est.cost_usd.mean(axis=0)))
+    The trainer calibrated on the table's observed costs, which a changed fleet does not have;
+    recalibrating from scratch on predicted ones moved the presets several-fold for a change that
+    changed nothing. So: c_ref scales with the mean over models of the mean predicted cost, and each
+    cost preset takes the smallest w whose decisions' mean predicted cost is at most the share of
+    the best model's predicted cost (the model with the best mean predicted quality) that its w had
+    under the old bundle. Estimates that did not change keep the policy as it was."""
+    new, prev = engine.estimate_features(calibration), before.estimate_features(calibration)
+    if (
+        new.models == prev.models
+        and np.array_equal(new.quality, prev.quality)
+        and np.array_equal(new.cost_usd, prev.cost_usd)
+    ):
+        return old
+    c_ref = old.c_ref_usd * float(np.mean(new.cost_usd.mean(axis=0)) / np.mean(prev.cost_usd.mean(axis=0)))
     if not math.isfinite(c_ref) or c_ref <= 0:
         c_ref = old.c_ref_usd
-    basis = f"recalibrated on the estimates for {len(calibration)} validation prompts"
-    presets = calibrate_presets(est.quality, est.cost_usd, est.quality, est.cost_usd, c_ref, basis)
+    rows = np.arange(len(calibration))
+
+    def mean_cost(est: Estimates, w: float, ref: float) -> float:
+        return float(est.cost_usd[rows, choose(est.quality, est.cost_usd, w, ref)].mean())
+
+    def best_cost(est: Estimates) -> float:
+        return float(est.cost_usd[:, int(np.argmax(est.quality.mean(axis=0)))].mean())
+
+    basis = f"carried over a fleet change on the estimates for {len(calibration)} validation prompts"
+    curve = [(float(w), mean_cost(new, float(w), c_ref)) for w in W_GRID]
+    presets = {name: p for name, p in old.presets.items() if name not in PRESET_COST_FRACTIONS}
+    for name, fraction in PRESET_COST_FRACTIONS.items():
+        kept = old.presets.get(name)
+        if kept is not None:
+            fraction = mean_cost(prev, kept.cost_weight, old.c_ref_usd) / best_cost(prev)
+        target = fraction * best_cost(new)
+        w = next((w for w, cost in curve if cost <= target), 1.0)
+        presets[name] = PresetSpec(
+            cost_weight=round(w, 8),
+            description=f"mean cost about {int(PRESET_COST_FRACTIONS[name] * 100)}% of the most accurate "
+            f"single model's ({basis})",
+        )
     return PolicySpec(
         c_ref_usd=c_ref,
         default_cost_weight=presets[DEFAULT_PRESET].cost_weight,
         default_preset=DEFAULT_PRESET,
         presets=presets,
-        spend_curve=spend_curve(est.quality, est.cost_usd, c_ref),
+        spend_curve=spend_curve(new.quality, new.cost_usd, c_ref),
     )
 
 
@@ -378,11 +410,19 @@ def _write(
     changed: list[str],
     details: dict,
 ) -> Manifest:
-    prices = Prices.from_rows([(m.name, m.input_usd_per_mtok, m.output_usd_per_mtok) for m in models])
+    prices = _price_list(models)
     engine = Engine(
         bundle.embedder, Heads(graph), prices, bundle.token_estimator, bundle.manifest.policy, "candidate"
     )
-    policy = recalibrated_policy(engine, reference.calibration, bundle.manifest.policy)
+    before = Engine(
+        bundle.embedder,
+        Heads(bundle.root / bundle.manifest.heads.file),
+        _price_list(bundle.manifest.models),
+        bundle.token_estimator,
+        bundle.manifest.policy,
+        bundle.version,
+    )
+    policy = recalibrated_policy(engine, before, reference.calibration, bundle.manifest.policy)
     change = ChangeSpec(
         op=op,
         at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -393,6 +433,10 @@ def _write(
     return rewrite_bundle(
         bundle, out_dir, heads_graph=graph, models=models, policy=policy, reference=reference, change=change
     )
+
+
+def _price_list(models: list[ModelSpec]) -> Prices:
+    return Prices.from_rows([(m.name, m.input_usd_per_mtok, m.output_usd_per_mtok) for m in models])
 
 
 def _open(bundle_dir: Path) -> tuple[Bundle, Engine]:

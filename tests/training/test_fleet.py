@@ -68,7 +68,7 @@ def test_add_model_keeps_every_other_estimate_and_estimates_the_new_one(
     assert change.from_version == source.manifest.bundle_version
     assert change.details["scored_prompts"] >= 20
     assert set(m.policy.presets) == set(source.manifest.policy.presets)
-    assert "recalibrated" in m.policy.presets["cost-30"].description
+    assert "carried over a fleet change" in m.policy.presets["cost-30"].description
 
 
 def test_remove_model_keeps_every_other_estimate(added: Path, texts: list[str], tmp_path: Path) -> None:
@@ -107,6 +107,30 @@ def test_a_repriced_bundle_costs_tokens_times_the_new_prices(
     specs = {m.name: m for m in bundle.manifest.models}
     assert specs[dearer].price_source.startswith("repriced") and specs[before.models[2]].price_source
     assert bundle.manifest.policy.c_ref_usd != open_engine(without, provider="cpu")[1].policy.c_ref_usd
+
+
+def test_a_reprice_that_changes_no_price_keeps_the_policy_and_a_real_one_keeps_its_scale(
+    without: Path, tmp_path: Path
+) -> None:
+    """Recalibrated from scratch on predicted costs (the trainer had observed ones), repricing a
+    model to its own price moved cost-10 from w = 0.03 to 0.11 and c_ref with it."""
+    source = open_engine(without, provider="cpu")[0].manifest
+    first = source.models[0]
+    same, half = tmp_path / "same.csv", tmp_path / "half.csv"
+    row = f"{first.name},{first.input_usd_per_mtok!r},{first.output_usd_per_mtok!r}"
+    same.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{row}\n", encoding="utf-8")
+    cheaper = f"{first.name},{first.input_usd_per_mtok / 2!r},{first.output_usd_per_mtok / 2!r}"
+    half.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{cheaper}\n", encoding="utf-8")
+    policies = {}
+    for prices in (same, half):
+        out = tmp_path / prices.stem
+        assert main(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)]) == 0
+        policies[prices.stem] = open_engine(out, provider="cpu")[0].manifest.policy
+    assert policies["same"] == source.policy
+    moved = policies["half"]
+    assert 0.5 < moved.c_ref_usd / source.policy.c_ref_usd < 1.0  # one model cheaper: a little lower
+    w = [moved.presets[name].cost_weight for name in ("cost-10", "cost-30", "cost-50")]
+    assert w[0] >= w[1] >= w[2] > 0 and moved.presets != source.policy.presets
 
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
