@@ -5,6 +5,7 @@ All inputs are (prompts x models) arrays restricted to prompts that every model 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -128,6 +129,11 @@ def pair_metrics(advantage: np.ndarray, strong: np.ndarray, weak: np.ndarray) ->
     return {"apgr": apgr, "cpt50": cpt(0.5), "cpt80": cpt(0.8), "random_apgr": 0.5}
 
 
+def _pct_error(pred: np.ndarray, actual: np.ndarray) -> float | None:
+    paid = actual > 0
+    return float(np.mean(np.abs(pred[paid] - actual[paid]) / actual[paid])) if paid.any() else None
+
+
 @dataclass
 class Evaluation:
     """Every figure of METRICS.md for one router on one split."""
@@ -155,8 +161,13 @@ def evaluate(
     best = int(np.argmax(single_q))
     best_cost, best_q = float(single_cost[best]), float(single_q[best])
 
+    # Models of one mean cost (to rounding: the sweep sums in another order) leave no interval to
+    # integrate over; the AIQ is then the best quality the curve reaches, not `at(hi)`, which is 0
+    # when the curve's first vertex lands a rounding step above `hi`.
+    flat = math.isclose(hi, lo, rel_tol=1e-9, abs_tol=1e-15)
+
     def aiq(curve: Curve) -> float:
-        return curve.area(lo, hi) / (hi - lo) if hi > lo else curve.at(hi)
+        return float(curve.quality.max()) if flat else curve.area(lo, hi) / (hi - lo)
 
     w, r_cost, r_q = sweep(q_pred, c_pred, score, cost, c_ref)
     router = hull(r_cost, r_q)
@@ -183,7 +194,8 @@ def evaluate(
         "gap_closed": (aiq_r - aiq_z) / (aiq_o - aiq_z) if aiq_o > aiq_z else 0.0,
         "quality_at_10pct_cost": router.at(0.1 * best_cost),
         "quality_at_30pct_cost": router.at(0.3 * best_cost),
-        "cost_to_match_best": None if match is None else match / best_cost,
+        # a share of the best model's cost, undefined where that model is free
+        "cost_to_match_best": None if match is None or best_cost <= 0 else match / best_cost,
         "quality_at_w0": float(r_q[0]),
         "cost_per_1k_at_w0": float(r_cost[0]) * 1000,
         "oracle_quality": float(o_q[0]),
@@ -200,7 +212,8 @@ def evaluate(
             "quality_ece_per_model": per_model_ece,
             "cost_mae_usd": float(np.abs(c_pred - cost).mean()),
             "cost_mae_usd_per_model": per_model_cost_mae,
-            "cost_mean_abs_pct_error": float(np.mean(np.abs(c_pred - cost) / np.maximum(cost, 1e-12))),
+            # over the calls that cost something: a free call has no percentage to be off by
+            "cost_mean_abs_pct_error": _pct_error(c_pred, cost),
         },
     }
     if m == 2:

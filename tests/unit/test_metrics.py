@@ -48,3 +48,29 @@ def test_pair_metrics_reward_a_good_ranking() -> None:
     assert perfect["apgr"] > 0.8
     assert abs(noise["apgr"] - 0.5) < 0.1
     assert perfect["cpt50"] is not None and perfect["cpt50"] < noise["cpt50"]
+
+
+def test_models_of_one_cost_score_their_best_quality_not_zero() -> None:
+    """Equal prices and token counts (an lm-eval log-likelihood table): the sweep's mean cost can
+    land a rounding step above the models' mean, where the curve read 0 and every AIQ with it."""
+    rng = np.random.default_rng(3)
+    score = (rng.random((300, 3)) < np.array([0.4, 0.6, 0.5])).astype(float)
+    cost = np.tile(rng.random((300, 1)) * 1e-4 + 1e-5, (1, 3))  # every model costs what the others do
+    models = ["a", "b", "c"]
+    f = evaluate(models, score, cost, score, cost, 1e-4).figures
+    oracle = float(score.max(axis=1).mean())
+    assert f["aiq_oracle"] == pytest.approx(oracle) and f["aiq"] == pytest.approx(oracle)
+    assert f["aiq_zero"] == pytest.approx(score.mean(axis=0).max())
+    assert f["gap_closed"] == pytest.approx(1.0)
+
+
+def test_a_free_best_model_gives_no_cost_share_and_free_calls_no_percentage_error() -> None:
+    """Dividing by the best model's cost, 0 for a self-hosted model priced 0, was a ZeroDivisionError;
+    a free call's percentage error was its error over 1e-12."""
+    rng = np.random.default_rng(4)
+    score = (rng.random((200, 2)) < np.array([0.7, 0.4])).astype(float)
+    cost = np.tile(np.array([0.0, 1e-4]), (200, 1))
+    predicted = cost + np.array([1e-5, 1e-5])
+    f = evaluate(["free", "paid"], score, cost, score, predicted, 1e-4).figures
+    assert f["best_model"] == "free" and f["cost_to_match_best"] is None
+    assert f["calibration"]["cost_mean_abs_pct_error"] == pytest.approx(0.1)
