@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -267,6 +268,20 @@ def test_routerbench_bad_tables_are_refused(real_rows, prices: Path, tmp_path: P
     bad.to_pickle(tmp_path / "c.pkl")
     with pytest.raises(TableError, match=f"sample_id '{prompts.prompt_id[2]}': prompt is empty"):
         load_routerbench(tmp_path / "c.pkl", prices)
+    # text a CSV export mixes into a column: 'True'/'False' are scores, anything else is refused
+    # (both were read as missing: the rows vanished and the cost became null, silently)
+    mixed = wide.astype({"Yi-6B": object, "Yi-6B|total_cost": object})
+    mixed.loc[0, "Yi-6B"], mixed.loc[1, "Yi-6B"] = "True", "False"
+    mixed.to_csv(tmp_path / "d.csv", index=False)
+    table = load_routerbench(tmp_path / "d.csv", prices)
+    got = table.outcomes.set_index(["prompt_id", "model"]).score
+    assert got[(prompts.prompt_id[0], "Yi-6B")] == 1.0 and got[(prompts.prompt_id[1], "Yi-6B")] == 0.0
+    for column, cell in (("Yi-6B", "oops"), ("Yi-6B|total_cost", "free?")):
+        broken = wide.astype({column: object})
+        broken.loc[3, column] = cell
+        broken.to_csv(tmp_path / "e.csv", index=False)
+        with pytest.raises(TableError, match=re.escape(f"{column}: '{cell}' is not a number")):
+            load_routerbench(tmp_path / "e.csv", prices)
 
 
 # -- lm-evaluation-harness ------------------------------------------------------------------------------

@@ -40,6 +40,27 @@ def require_prices(models: list[str], prices: pd.DataFrame, where: str) -> pd.Da
     return prices[prices["model"].isin(models)].reset_index(drop=True)
 
 
+def numeric_cells(values: pd.Series, what: str) -> pd.Series:
+    """Cells as floats: numbers, booleans (and their text, 'True'/'false'), blank as missing;
+    any other text is refused, naming it, rather than read as missing (a score that silently
+    became 'not evaluated' dropped its row)."""
+    cells = values.map(_cell)
+    numbers = pd.to_numeric(cells, errors="coerce")
+    bad = numbers.isna() & cells.notna()
+    if bad.any():
+        raise TableError(f"{what}: {values[bad].iloc[0]!r} is not a number")
+    return numbers.astype(float)
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, bool | np.bool_):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return {"": np.nan, "true": 1.0, "false": 0.0}.get(text, text)
+    return np.nan if pd.isna(value) else value  # type: ignore[call-overload]
+
+
 def hash_split(ids: pd.Series) -> np.ndarray:
     """A fixed train/test split by a hash of the id, for sources that publish none."""
     buckets = np.array([int(hashlib.sha256(str(i).encode()).hexdigest()[:8], 16) % 100 for i in ids])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.adapters.common import hash_split, read_prices, require_prices
+from training.adapters.common import hash_split, numeric_cells, read_prices, require_prices
 from training.tables import RoutingTable, TableError
 
 COST = "|total_cost"
@@ -88,10 +88,10 @@ def load_routerbench(path: Path, prices_file: Path, name: str = "routerbench") -
                 {
                     "prompt_id": ids,
                     "model": model,
-                    "score": pd.to_numeric(wide[model], errors="coerce"),
+                    "score": numeric_cells(wide[model], f"{path}: score of {model}"),
                     "input_tokens": pd.NA,
                     "output_tokens": pd.NA,
-                    "cost_usd": pd.to_numeric(wide[model + COST], errors="coerce"),
+                    "cost_usd": numeric_cells(wide[model + COST], f"{path}: {model}{COST}"),
                 }
             )
             for model in models

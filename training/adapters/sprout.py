@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from training.adapters.common import priced, read_prices, require_prices
+from training.adapters.common import numeric_cells, priced, read_prices, require_prices
 from training.tables import RoutingTable, TableError
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def load_sprout(source: str | Path, prices_file: Path, name: str = "sprout") -> 
         raise TableError(f"{source}: no model columns (struct columns with {', '.join(FIELDS)})")
     prompts = pd.concat(prompt_frames, ignore_index=True)
     outcomes = pd.concat(outcome_frames, ignore_index=True)
-    outcomes["score"] = pd.to_numeric(outcomes["score"], errors="coerce")
+    outcomes["score"] = numeric_cells(outcomes["score"], f"{source}: score")
     outcomes = outcomes.dropna(subset=["score"]).reset_index(drop=True)
     prices = require_prices(models, read_prices(prices_file), str(source))
     return RoutingTable(name, prompts, priced(outcomes, prices), prices)
