@@ -268,6 +268,11 @@ def test_routerbench_bad_tables_are_refused(real_rows, prices: Path, tmp_path: P
     bad.to_pickle(tmp_path / "c.pkl")
     with pytest.raises(TableError, match=f"sample_id '{prompts.prompt_id[2]}': prompt is empty"):
         load_routerbench(tmp_path / "c.pkl", prices)
+    listed = pd.read_csv(prices)  # a model priced twice doubled its outcomes
+    pd.concat([listed, listed.iloc[[0]]]).to_csv(tmp_path / "twice.csv", index=False)
+    wide.to_pickle(tmp_path / "good.pkl")
+    with pytest.raises(TableError, match=f"model '{listed.model[0]}' is listed twice"):
+        load_routerbench(tmp_path / "good.pkl", tmp_path / "twice.csv")
     # text a CSV export mixes into a column: 'True'/'False' are scores, anything else is refused
     # (both were read as missing: the rows vanished and the cost became null, silently)
     mixed = wide.astype({"Yi-6B": object, "Yi-6B|total_cost": object})

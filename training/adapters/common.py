@@ -27,6 +27,9 @@ def read_prices(path: Path) -> pd.DataFrame:
     missing = [c for c in PRICE_COLUMNS if c not in prices.columns]
     if missing:
         raise TableError(f"{path}: missing column(s) {', '.join(missing)}")
+    twice = prices.loc[prices["model"].duplicated(), "model"]
+    if len(twice):  # else every outcome of the model doubles, and the error blames the data
+        raise TableError(f"{path}: model {twice.iloc[0]!r} is listed twice")
     check_prices(prices, str(path))
     if "price_source" not in prices.columns:
         prices["price_source"] = str(path.name)
