@@ -31,13 +31,17 @@ def knn_baseline(
     fit, val = carve_validation(train)
     emb_fit = cache.embed(list(fit.prompts["prompt"]))
     emb_val = cache.embed(list(val.prompts["prompt"]))
-    complete = complete_rows(val)
-    s_val, c_val = val.matrix("score")[complete], val.matrix("cost_usd")[complete]
+    models = train.models  # the carved parts in train's columns, even where one lacks a model
+    complete = complete_rows(val, models)
+    s_val, c_val = val.matrix("score", models)[complete], val.matrix("cost_usd", models)[complete]
+    s_fit, c_fit = fit.matrix("score", models), fit.matrix("cost_usd", models)
     scores = {}
-    for k in K_CHOICES:
-        q, c = KnnRouter(emb_fit, fit.matrix("score"), fit.matrix("cost_usd"), k).predict(emb_val[complete])
-        scores[k] = evaluate(train.models, s_val, c_val, q, c, c_ref).figures["aiq"]
-    best_k = max(scores, key=lambda k: scores[k])
+    for k in K_CHOICES if complete.any() else ():
+        q, c = KnnRouter(emb_fit, s_fit, c_fit, k).predict(emb_val[complete])
+        scores[k] = evaluate(models, s_val, c_val, q, c, c_ref).figures["aiq"]
+    # With no validation prompt that every model answered there is nothing to choose k by (and
+    # the AIQs would be NaN, which is not JSON): the middle of the choices, and no scores.
+    best_k = max(scores, key=lambda k: scores[k]) if scores else K_CHOICES[len(K_CHOICES) // 2]
     knn = KnnRouter(
         cache.embed(list(train.prompts["prompt"])), train.matrix("score"), train.matrix("cost_usd"), best_k
     )

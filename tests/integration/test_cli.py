@@ -270,3 +270,29 @@ def test_serve_and_train_refuse_bad_settings_in_one_line(small_bundle: Path, tmp
             result = run(*args, timeout=120)
             assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
             assert "Traceback" not in result.stderr
+
+
+def test_eval_with_no_complete_validation_prompt_writes_valid_json(
+    trained: Path, small_table: Path, tmp_path: Path
+) -> None:
+    """The kNN reference chooses k on validation carved from train; with no prompt there that every
+    model answered its AIQs were NaN, and metrics.json held a bare NaN (not JSON)."""
+    from training.tables import carve_validation, load_table
+
+    _, validation = carve_validation(load_table(small_table).split("train"))
+    sparse = tmp_path / "sparse"
+    shutil.copytree(small_table, sparse)
+    outcomes = pd.read_parquet(sparse / "outcomes.parquet")
+    gone = outcomes.prompt_id.isin(validation.prompts.prompt_id) & (outcomes.model == outcomes.model.iloc[0])
+    outcomes[~gone].to_parquet(sparse / "outcomes.parquet")
+    report = tmp_path / "report"
+    result = run(
+        "eval", "--bundle", str(trained), "--data", str(sparse), "--split", "test", "--report", str(report)
+    )
+    assert result.returncode == 0, result.stderr
+
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"metrics.json holds {constant}")
+
+    figures = json.loads((report / "metrics.json").read_text(), parse_constant=no_nan)
+    assert figures["knn"]["validation_aiq_by_k"] == {} and figures["knn"]["k"] == 32
