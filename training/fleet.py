@@ -366,7 +366,8 @@ def recalibrated_policy(
         and np.array_equal(new.cost_usd, prev.cost_usd)
     ):
         return old
-    c_ref = old.c_ref_usd * float(np.mean(new.cost_usd.mean(axis=0)) / np.mean(prev.cost_usd.mean(axis=0)))
+    before_usd, after_usd = float(np.mean(prev.cost_usd)), float(np.mean(new.cost_usd))
+    c_ref = old.c_ref_usd * after_usd / before_usd if before_usd > 0 else old.c_ref_usd
     if not math.isfinite(c_ref) or c_ref <= 0:
         c_ref = old.c_ref_usd
     rows = np.arange(len(calibration))
@@ -382,7 +383,7 @@ def recalibrated_policy(
     presets = {name: p for name, p in old.presets.items() if name not in PRESET_COST_FRACTIONS}
     for name, fraction in PRESET_COST_FRACTIONS.items():
         kept = old.presets.get(name)
-        if kept is not None:
+        if kept is not None and best_cost(prev) > 0:  # a free best model leaves no share to keep
             fraction = mean_cost(prev, kept.cost_weight, old.c_ref_usd) / best_cost(prev)
         target = fraction * best_cost(new)
         w = next((w for w, cost in curve if cost <= target), 1.0)

@@ -131,6 +131,19 @@ def test_a_reprice_that_changes_no_price_keeps_the_policy_and_a_real_one_keeps_i
     assert 0.5 < moved.c_ref_usd / source.policy.c_ref_usd < 1.0  # one model cheaper: a little lower
     w = [moved.presets[name].cost_weight for name in ("cost-10", "cost-30", "cost-50")]
     assert w[0] >= w[1] >= w[2] > 0 and moved.presets != source.policy.presets
+    free = tmp_path / "free.csv"  # self-hosted: the best model costs nothing, no share to keep
+    free.write_text("model,input_usd_per_mtok,output_usd_per_mtok\n"
+                    + "".join(f"{m.name},0,0\n" for m in source.models), encoding="utf-8")  # fmt: skip
+    assert (
+        main(["reprice", "--bundle", str(without), "--prices", str(free), "--out", str(tmp_path / "f")]) == 0
+    )
+    assert open_engine(tmp_path / "f", provider="cpu")[0].manifest.policy.c_ref_usd == source.policy.c_ref_usd
+    one = tmp_path / "one.csv"  # and from that free bundle, one model priced again
+    one.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{first.name},1,2\n", encoding="utf-8")
+    assert (
+        main(["reprice", "--bundle", str(tmp_path / "f"), "--prices", str(one), "--out", str(tmp_path / "g")])
+        == 0
+    )
 
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
