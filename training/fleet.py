@@ -211,6 +211,7 @@ def add_model(
     }
     manifest = _write(
         bundle,
+        engine,
         out_dir,
         graph,
         models,
@@ -294,7 +295,7 @@ def remove_model(bundle_dir: Path, out_dir: Path, model: str) -> Manifest:
     _check_unchanged(old_q[:, keep], old_o[:, keep], new_q, new_o)
     models = [m for m in bundle.manifest.models if m.name != model]
     kept = reference.select([m.name for m in models])
-    return _write(bundle, out_dir, graph, models, kept, "remove-model", [model], {})
+    return _write(bundle, engine, out_dir, graph, models, kept, "remove-model", [model], {})
 
 
 def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
@@ -340,7 +341,15 @@ def reprice(bundle_dir: Path, out_dir: Path, prices_path: Path) -> Manifest:
     ]
     graph = (bundle.root / bundle.manifest.heads.file).read_bytes()
     return _write(
-        bundle, out_dir, graph, models, Reference.of_bundle(bundle), "reprice", sorted(updates), updates
+        bundle,
+        engine,
+        out_dir,
+        graph,
+        models,
+        Reference.of_bundle(bundle),
+        "reprice",
+        sorted(updates),
+        updates,
     )
 
 
@@ -380,12 +389,13 @@ def recalibrated_policy(
 
     basis = f"carried over a fleet change on the estimates for {len(calibration)} validation prompts"
     curve = [(float(w), mean_cost(new, float(w), c_ref)) for w in W_GRID]
+    best_before, best_after = best_cost(prev), best_cost(new)
     presets = {name: p for name, p in old.presets.items() if name not in PRESET_COST_FRACTIONS}
     for name, fraction in PRESET_COST_FRACTIONS.items():
         kept = old.presets.get(name)
-        if kept is not None and best_cost(prev) > 0:  # a free best model leaves no share to keep
-            fraction = mean_cost(prev, kept.cost_weight, old.c_ref_usd) / best_cost(prev)
-        target = fraction * best_cost(new)
+        if kept is not None and best_before > 0:  # a free best model leaves no share to keep
+            fraction = mean_cost(prev, kept.cost_weight, old.c_ref_usd) / best_before
+        target = fraction * best_after
         w = next((w for w, cost in curve if cost <= target), 1.0)
         presets[name] = PresetSpec(
             cost_weight=round(w, 8),
@@ -403,6 +413,7 @@ def recalibrated_policy(
 
 def _write(
     bundle: Bundle,
+    before: Engine,
     out_dir: Path,
     graph: bytes,
     models: list[ModelSpec],
@@ -411,17 +422,9 @@ def _write(
     changed: list[str],
     details: dict,
 ) -> Manifest:
-    prices = _price_list(models)
+    prices = Prices.from_rows([(m.name, m.input_usd_per_mtok, m.output_usd_per_mtok) for m in models])
     engine = Engine(
         bundle.embedder, Heads(graph), prices, bundle.token_estimator, bundle.manifest.policy, "candidate"
-    )
-    before = Engine(
-        bundle.embedder,
-        Heads(bundle.root / bundle.manifest.heads.file),
-        _price_list(bundle.manifest.models),
-        bundle.token_estimator,
-        bundle.manifest.policy,
-        bundle.version,
     )
     policy = recalibrated_policy(engine, before, reference.calibration, bundle.manifest.policy)
     change = ChangeSpec(
@@ -434,10 +437,6 @@ def _write(
     return rewrite_bundle(
         bundle, out_dir, heads_graph=graph, models=models, policy=policy, reference=reference, change=change
     )
-
-
-def _price_list(models: list[ModelSpec]) -> Prices:
-    return Prices.from_rows([(m.name, m.input_usd_per_mtok, m.output_usd_per_mtok) for m in models])
 
 
 def _open(bundle_dir: Path) -> tuple[Bundle, Engine]:
