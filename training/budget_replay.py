@@ -12,8 +12,10 @@ predicted cost of each decision: what the controller and the caps see) and as th
 predictions alone), and with the table's outcome of the chosen model (score, tokens, cost) sent
 back with Feedback after every call, as a team that reports its bills would, so that the controller
 steers by reported cost. Beside them, the same prompts at the bundle's fixed `cost-30` preset
-(calibrated offline for that share). Quality: the mean score reached, against the router's offline
-cost/quality curve on the same prompts at the realised spend.
+(calibrated offline for that share), and a reference no controller can be: each category routed at
+the one w at which it bills the target, known in advance (what holding the target in every window
+costs in quality when the mix is known, not learnt). Quality: the mean score reached, against the
+router's offline cost/quality curve on the same prompts at the realised spend.
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ class Calls:
     output_tokens: np.ndarray
 
 
+def _per_category_w(
+    est_q: np.ndarray,
+    est_c: np.ndarray,
+    cost: np.ndarray,
+    score: np.ndarray,
+    categories: np.ndarray,
+    target: float,
+    c_ref: float,
+) -> np.ndarray:
+    """The model chosen for each call when every category is routed at the w of the grid whose
+    billed spend on that category is nearest the target."""
+    chosen = np.empty(len(cost), dtype=int)
+    for category in dict.fromkeys(categories.tolist()):
+        rows = np.flatnonzero(categories == category)
+        grid, spend, _ = sweep(est_q[rows], est_c[rows], score[rows], cost[rows], c_ref)
+        w = float(grid[np.argmin(np.abs(spend / target - 1.0))])
+        chosen[rows] = choose(est_q[rows], est_c[rows], w, c_ref)
+    return chosen
+
+
 def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1) -> dict:
     """`every`: keep every k-th prompt of the ordered split (a shorter run, same mix shifts)."""
     _, engine = open_engine(bundle_dir, provider="cpu")
@@ -93,6 +115,10 @@ def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1
 
     preset = engine.policy.presets["cost-30"].cost_weight
     fixed = choose(est.quality, est.cost_usd, preset, engine.policy.c_ref_usd)
+    categories = prompts["source"].to_numpy()[order]
+    known = _per_category_w(
+        est.quality, est.cost_usd, cost, score, categories, target, engine.policy.c_ref_usd
+    )
     return {
         "split": split,
         "prompts": len(texts),
@@ -106,6 +132,11 @@ def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1
             "predicted": _windows(est.cost_usd[rows, fixed], target),
             "billed": _windows(cost[rows, fixed], target),
             "quality": float(score[rows, fixed].mean()),
+        },
+        "per_category_w_known_in_advance": {
+            "billed": _windows(cost[rows, known], target),
+            "quality": float(score[rows, known].mean()),
+            "curve_quality_at_billed_spend": curve.at(float(cost[rows, known].mean())),
         },
     }
 
@@ -140,6 +171,7 @@ def _through_the_server(
 
 def report(r: dict) -> str:
     c, cf, f = r["controller"], r["controller_with_cost_feedback"], r["fixed_preset_cost_30"]
+    k = r["per_category_w_known_in_advance"]
 
     def line(name: str, d: dict) -> str:
         within = 100 * d["windows_within_10pct"]
@@ -164,6 +196,9 @@ def report(r: dict) -> str:
             line(f"fixed cost-30 preset (w={f['cost_weight']:g}), predicted", f["predicted"]),
             line("fixed cost-30 preset, billed", f["billed"]),
             f"  quality {f['quality']:.4f}",
+            line("each category at its own w, known in advance, billed", k["billed"]),
+            f"  quality {k['quality']:.4f}; the offline curve at the billed spend: "
+            f"{k['curve_quality_at_billed_spend']:.4f}",
         ]
     )
 
