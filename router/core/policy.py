@@ -84,8 +84,11 @@ def utility(quality: Number, cost: Number, w: float, c_ref: float) -> Number:
 
 
 def choose(quality: np.ndarray, cost: np.ndarray, w: float, c_ref: float) -> np.ndarray:
-    """Index of the chosen model for each row of (prompts x models) estimates."""
-    return np.argmax(utility(quality, cost, w, c_ref), axis=1)
+    """Index of the chosen model for each row of (prompts x models) estimates; ties go to the
+    cheaper model, as in `decide`, so that offline figures are the service's decisions."""
+    value = utility(quality, cost, w, c_ref)
+    tied = value == value.max(axis=1, keepdims=True)
+    return np.argmin(np.where(tied, cost, np.inf), axis=1)
 
 
 def decide(estimates: Sequence[Estimate], prefs: Preferences, c_ref: float) -> Decision:

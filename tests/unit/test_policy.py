@@ -56,6 +56,19 @@ def test_ties_go_to_the_cheaper_model() -> None:
     assert decide(tied, Preferences(cost_weight=0.0), C_REF).model == "cheap"
 
 
+def test_vectorised_ties_go_to_the_cheaper_model_too() -> None:
+    """At w = 0 equal quality estimates tie whatever they cost (a neighbour mean of 0/1 scores often
+    gives them); the evaluator must take the service's choice, not the first column."""
+    quality = np.array([[0.5, 0.5, 0.2], [0.7, 0.7, 0.7], [0.1, 0.9, 0.9]])
+    cost = np.array([[3e-4, 1e-4, 0.0], [2e-4, 2e-4, 1e-4], [0.0, 5e-4, 4e-4]])
+    names = ["a", "b", "c"]
+    picks = choose(quality, cost, 0.0, C_REF)
+    assert picks.tolist() == [1, 2, 2]
+    for i in range(3):
+        est = [Estimate(n, float(quality[i, j]), float(cost[i, j])) for j, n in enumerate(names)]
+        assert decide(est, Preferences(cost_weight=0.0), C_REF).model == names[picks[i]]
+
+
 @pytest.mark.parametrize("w", [-0.1, 1.5, float("nan")])
 def test_cost_weight_outside_unit_interval_is_refused(w: float) -> None:
     with pytest.raises(ValueError, match="cost_weight"):
