@@ -69,6 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    if "auth_token" in overrides:
+        log.warning(
+            "--auth-token puts the token in the process list (ps, /proc); "
+            "give it with ROUTER_AUTH_TOKEN or --auth-token-file instead"
+        )
     if not settings.bundle.exists():
         raise CliError(f"bundle {settings.bundle} does not exist (train one with `router train`)")
     try:

@@ -272,6 +272,24 @@ def test_serve_and_train_refuse_bad_settings_in_one_line(small_bundle: Path, tmp
             assert "Traceback" not in result.stderr
 
 
+def test_a_token_given_as_a_flag_is_warned_about_and_never_printed(small_bundle: Path) -> None:
+    """A flag's value is visible to every user of the machine in the process list."""
+    import socket
+
+    with socket.socket() as taken:  # the server stops at its port, after reading its settings
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run(
+            "serve", "--bundle", str(small_bundle), "--host", "127.0.0.1", "--port", port,
+            "--metrics-port", "0", "--auth-token", "s3cret-value", timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--auth-token puts the token in the process list" in result.stderr
+    assert "ROUTER_AUTH_TOKEN or --auth-token-file" in result.stderr
+    assert "s3cret-value" not in result.stderr + result.stdout
+
+
 def test_eval_with_no_complete_validation_prompt_writes_valid_json(
     trained: Path, small_table: Path, tmp_path: Path
 ) -> None:
