@@ -43,20 +43,26 @@ class Preferences:
             return True
         return e.latency_ms is not None and e.latency_ms <= self.max_latency_ms
 
-    def overshoot(self, e: Estimate) -> float:
-        """The largest ratio of a prediction to its ceiling (how far the model is from meeting them)."""
-        ratios = [0.0]
+    def log_overshoot(self, e: Estimate) -> float:
+        """log of the largest ratio of a prediction to its ceiling (how far the model is from
+        meeting them), what the fallback orders by. In logs because a ratio to a ceiling of 0, or
+        to one so small that the ratio overflows, would be inf for every model and order nothing;
+        the prediction over the smallest positive float keeps them in order."""
+        logs = [-math.inf]
         if self.max_cost_usd is not None:
-            ratios.append(_ratio(e.cost_usd, self.max_cost_usd))
+            logs.append(_log_ratio(e.cost_usd, self.max_cost_usd))
         if self.max_latency_ms is not None:
-            ratios.append(math.inf if e.latency_ms is None else _ratio(e.latency_ms, self.max_latency_ms))
-        return max(ratios)
+            logs.append(math.inf if e.latency_ms is None else _log_ratio(e.latency_ms, self.max_latency_ms))
+        return max(logs)
 
 
-def _ratio(value: float, ceiling: float) -> float:
-    if ceiling > 0:
-        return value / ceiling
-    return math.inf if value > 0 else 0.0
+_SMALLEST = 5e-324
+
+
+def _log_ratio(value: float, ceiling: float) -> float:
+    if value <= 0.0:
+        return -math.inf
+    return math.log(value) - math.log(max(ceiling, _SMALLEST))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +119,7 @@ def decide(estimates: Sequence[Estimate], prefs: Preferences, c_ref: float) -> D
             reason += f" ({len(allowed) - len(fits)} above {_ceilings(prefs)})"
         eligible = {e.model for e in fits}
     else:
-        best = min(allowed, key=lambda e: (prefs.overshoot(e), e.cost_usd, -e.quality))
+        best = min(allowed, key=lambda e: (prefs.log_overshoot(e), e.cost_usd, -e.quality))
         reason = _fallback_reason(prefs, best)
         eligible = {best.model}
     scored = tuple(Scored(e, utilities[e.model], e.model in eligible) for e in estimates)
@@ -164,7 +170,7 @@ def explore(decision: Decision, rate: float, draw: float, pick: float) -> tuple[
     eligible = [s.estimate.model for s in decision.scored if s.eligible]
     n = len(eligible)
     greedy = (1.0 - rate) + rate / n
-    if rate <= 0.0 or draw >= rate:
+    if rate <= 0.0 or draw >= rate or n == 1:  # one eligible model: nothing to explore, keep why
         return decision, greedy
     model = eligible[min(int(pick * n), n - 1)]
     propensity = greedy if model == decision.model else rate / n

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from router.core.policy import Estimate, Preferences, choose, decide
+from router.core.policy import Estimate, Preferences, choose, decide, explore
 
 C_REF = 1e-4
 ESTIMATES = [
@@ -120,4 +122,38 @@ def test_both_ceilings_unmet_fall_back_to_the_model_closest_to_them() -> None:
     prefs = Preferences(cost_weight=0.5, max_cost_usd=0.05e-4, max_latency_ms=200.0)
     d = decide(FAST_SLOW[:3], prefs, C_REF)
     assert d.model == "small" and "closest to them" in d.reason
-    assert prefs.overshoot(FAST_SLOW[0]) == pytest.approx(2.0)
+    assert prefs.log_overshoot(FAST_SLOW[0]) == pytest.approx(math.log(2.0))
+
+
+@pytest.mark.parametrize("ceiling", [0.0, 1e-310])
+def test_a_latency_ceiling_nothing_can_meet_still_falls_back_to_the_fastest(ceiling: float) -> None:
+    """Every ratio to a zero (or subnormal) ceiling was inf, and the tie went to the cheapest."""
+    slow_but_cheap = [
+        Estimate("fast", quality=0.5, cost_usd=5e-4, latency_ms=150.0),
+        Estimate("slow", quality=0.5, cost_usd=1e-4, latency_ms=500.0),
+    ]
+    d = decide(slow_but_cheap, Preferences(cost_weight=0.5, max_latency_ms=ceiling), C_REF)
+    assert d.model == "fast" and "fastest allowed model" in d.reason
+
+
+def test_a_cost_ceiling_of_zero_falls_back_to_the_cheapest() -> None:
+    d = decide(FAST_SLOW[:3], Preferences(cost_weight=0.0, max_cost_usd=0.0), C_REF)
+    assert d.model == "small" and "cheapest allowed model" in d.reason
+
+
+def test_exploration_draws_uniformly_among_the_eligible_and_reports_its_propensity() -> None:
+    d = decide(ESTIMATES, Preferences(cost_weight=0.0), C_REF)
+    n = len(ESTIMATES)
+    kept, p_kept = explore(d, rate=0.2, draw=0.5, pick=0.0)  # draw >= rate: the greedy choice
+    assert kept is d and p_kept == pytest.approx(0.8 + 0.2 / n)
+    other = next(i for i, e in enumerate(ESTIMATES) if e.model != d.model)
+    drawn, p_drawn = explore(d, rate=0.2, draw=0.1, pick=(other + 0.5) / n)
+    assert drawn.model == ESTIMATES[other].model and p_drawn == pytest.approx(0.2 / n)
+    assert "exploration" in drawn.reason and d.model in drawn.reason
+
+
+def test_exploration_with_one_eligible_model_keeps_the_decision_and_its_reason() -> None:
+    """A fallback (nothing meets the ceiling) leaves one eligible model; 'drawn from 1' hid why."""
+    d = decide(FAST_SLOW[:3], Preferences(cost_weight=0.0, max_latency_ms=100.0), C_REF)
+    drawn, propensity = explore(d, rate=0.5, draw=0.1, pick=0.3)
+    assert drawn is d and propensity == 1.0 and "fastest allowed model" in drawn.reason
