@@ -8,11 +8,12 @@ tenant's calls share a batch. For a tenant the budgets file configures:
   tenant's spend controller (router/core/spend_control.py), which every decision then updates with
   its predicted cost;
 - hard cap: at most `limit_usd` of predicted spend per window of `window_s` (windows aligned to the
-  Unix epoch: daily windows start at 00:00 UTC). While budget remains, the remaining amount is a
-  cost ceiling on the decision (with the request's own max_cost_usd, whichever is lower); once it
-  is spent, `on_exhausted: cheapest` routes to the cheapest allowed model, `reject` refuses the
-  call (RESOURCE_EXHAUSTED), as it does for a call whose cheapest possible model would overrun what
-  is left. The cap holds whatever the request asks.
+  Unix epoch: daily windows start at 00:00 UTC). While budget remains, the decision is made among
+  the allowed models predicted to cost at most what is left, with the request's own ceilings
+  (max_cost_usd, max_latency_ms) and their fallback applied within them: the cap is not one more
+  ceiling to trade off. Once it is spent, or when no allowed model fits in what is left,
+  `on_exhausted: cheapest` routes to the cheapest allowed model, `reject` refuses the call
+  (RESOURCE_EXHAUSTED). The cap holds whatever the request asks.
 
 Spend, for the caps, is the predicted cost of the chosen model, known when the decision is made.
 It is written to the spend store after each batch and read back at start-up, with each spend
@@ -148,40 +149,57 @@ class Ledger:
             if controller is not None and not explicit_weight:
                 prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
             note = ""
-            remaining = math.inf
             now = self.clock()  # one window for the check and the booking, even at its boundary
             if budget.limit_usd is not None:
-                window = window_start(now, budget.window_s)
-                remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
-                if remaining <= 0:
-                    if budget.on_exhausted == "reject":
-                        self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
-                        raise BudgetExhausted(
-                            f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window "
-                            f"(resets at {window + budget.window_s:.0f}, Unix time)"
-                        )
-                    prefs = Preferences(cost_weight=1.0, allowed_models=prefs.allowed_models)
-                    note = f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window; "
-                    self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="cheapest").inc()
-                elif prefs.max_cost_usd is None or remaining < prefs.max_cost_usd:
-                    prefs = dataclasses.replace(prefs, max_cost_usd=remaining)
-                    note = (
-                        f"max_cost_usd is what tenant {tenant!r} has left this window ({remaining:.3g} USD); "
-                    )
+                prefs, note = self._within_cap(tenant, budget, estimates, row, prefs, now)
             decision, propensity = engine.decide_row(estimates, row, prefs), 1.0
             if explore is not None and budget.limit_usd is None:
                 decision, propensity = explore(decision)
             cost = decision.chosen.estimate.cost_usd
-            if 0 < remaining < cost and budget.on_exhausted == "reject":
-                self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
-                raise BudgetExhausted(
-                    f"tenant {tenant!r} has {remaining:.3g} USD left this window; the cheapest allowed "
-                    f"model is predicted to cost {cost:.3g} USD"
-                )
             self._record(tenant, budget, cost, controller, now)
             if note:
                 decision = dataclasses.replace(decision, reason=note + decision.reason)
             return decision, propensity
+
+    def _within_cap(
+        self,
+        tenant: str,
+        budget: TenantBudget,
+        estimates: Estimates,
+        row: int,
+        prefs: Preferences,
+        now: float,
+    ) -> tuple[Preferences, str]:
+        """The preferences a capped tenant's call is decided with, and the note its reason starts
+        with; BudgetExhausted where `reject` applies."""
+        assert budget.limit_usd is not None
+        window = window_start(now, budget.window_s)
+        remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
+        allowed = [
+            (m, float(estimates.cost_usd[row, j]))
+            for j, m in enumerate(estimates.models)
+            if prefs.allowed_models is None or m in prefs.allowed_models
+        ]
+        if not allowed:  # the policy refuses this the way it refuses any such request
+            return prefs, ""
+        fits = frozenset(m for m, cost in allowed if cost <= remaining)
+        if remaining > 0 and fits:
+            note = f"among the models within what tenant {tenant!r} has left ({remaining:.3g} USD); "
+            return dataclasses.replace(prefs, allowed_models=fits), note
+        if remaining > 0:
+            cheapest = min(cost for _, cost in allowed)
+            why = (
+                f"tenant {tenant!r} has {remaining:.3g} USD left this window; the cheapest allowed "
+                f"model is predicted to cost {cheapest:.3g} USD"
+            )
+        else:
+            why = f"tenant {tenant!r} has spent its {budget.limit_usd:g} USD for this window"
+        if budget.on_exhausted == "reject":
+            self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="rejected").inc()
+            resets = f" (resets at {window + budget.window_s:.0f}, Unix time)"
+            raise BudgetExhausted(why + resets)
+        self.metrics.tenant_fallbacks.labels(tenant=tenant, kind="cheapest").inc()
+        return Preferences(cost_weight=1.0, allowed_models=prefs.allowed_models), why + "; "
 
     def reported_cost(self, tenant: str, predicted_usd: float, reported_usd: float) -> None:
         """A caller's reported cost for one of the tenant's decisions (from outcome feedback)."""

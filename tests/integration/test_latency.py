@@ -69,3 +69,41 @@ def test_a_ceiling_on_a_bundle_without_latency_data_is_refused(server) -> None:
         plain.Route(router_pb2.RouteRequest(prompt=PROMPT, max_latency_ms=500.0), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith("max_latency_ms:") and "no latency data" in info.value.details()
+
+
+def test_a_hard_cap_holds_under_a_latency_ceiling_nothing_meets(
+    small_bundle: Path, server, tmp_path: Path
+) -> None:
+    """The cap was one more ceiling the fallback traded against latency: with no model fast enough
+    the fastest one was taken though it cost more than the tenant had left (`cheapest`), or the
+    call was refused as if no model were affordable (`reject`)."""
+    with router_stub(server.address) as plain:
+        costs = {
+            e.model: e.cost_usd
+            for e in plain.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30).estimates
+        }
+    dearest_first = sorted(costs, key=lambda m: -costs[m])  # the dearest model is the fastest
+    prices = tmp_path / "latency.csv"
+    rows = [f"{m},{100 * (rank + 1)},0" for rank, m in enumerate(dearest_first)]
+    prices.write_text("model,ttft_ms,tpot_ms\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    timed = tmp_path / "timed"
+    assert main(["reprice", "--bundle", str(small_bundle), "--prices", str(prices), "--out", str(timed)]) == 0
+    limit = (min(costs.values()) + costs[dearest_first[0]]) / 2
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text(
+        "tenants:\n"
+        f"  capped: {{limit_usd: {limit!r}, on_exhausted: cheapest}}\n"
+        f"  strict: {{limit_usd: {limit!r}, on_exhausted: reject}}\n",
+        encoding="utf-8",
+    )
+    settings = {"budgets": budgets, "spend_store": tmp_path / "spend.sqlite"}
+    with running_server(bundle=timed, **settings) as srv, router_stub(srv.address) as stub:
+        for tenant in ("capped", "strict"):
+            r = stub.Route(
+                router_pb2.RouteRequest(prompt=PROMPT, tenant=tenant, max_latency_ms=1.0), timeout=30
+            )
+            affordable = [e for e in r.estimates if e.cost_usd <= limit]
+            fastest = min(affordable, key=lambda e: e.latency_ms)
+            assert r.model == fastest.model != dearest_first[0], (tenant, r.reason)
+            assert "fastest allowed model" in r.reason and f"tenant {tenant!r} has left" in r.reason
+            assert {e.model for e in r.estimates if e.eligible} == {fastest.model}
