@@ -83,11 +83,13 @@ class Ledger:
     # -- the file ----------------------------------------------------------------------------
 
     def reload_if_changed(self) -> None:
-        with self._lock:
-            changed = self.watch.reload_if_changed()
-            if changed is not None:
-                self.metrics.budget_reloads.labels(result="success" if changed else "failure").inc()
-            if changed:
+        # The file is looked at without the lock: the engine thread may hold it for as long as a
+        # spend write waits, and this runs on the event loop, which must keep answering meanwhile.
+        changed = self.watch.reload_if_changed()
+        if changed is not None:
+            self.metrics.budget_reloads.labels(result="success" if changed else "failure").inc()
+        if changed:
+            with self._lock:
                 self._apply()
 
     def _apply(self) -> None:

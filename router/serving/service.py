@@ -200,17 +200,24 @@ class RouterService:
         written, the budgeted calls fail UNAVAILABLE (and their decisions are not logged) while the
         others are answered; the decisions logged are returned."""
         assert self.ledger is not None
+        budgeted = [
+            i
+            for i, job in enumerate(jobs)
+            if isinstance(results[i], RouteResult) and self.ledger.budget(job.tenant) is not None
+        ]
+        if not budgeted:  # nothing of this batch to book: spend an earlier flush left waits for the next
+            return records
         try:
             self.ledger.flush()
             return records
         except StoreUnavailable as exc:
             log.error("%s", exc)
             unbooked: set[str] = set()
-            for i, job in enumerate(jobs):
+            for i in budgeted:
                 result = results[i]
-                if isinstance(result, RouteResult) and self.ledger.budget(job.tenant) is not None:
-                    unbooked.add(result.decision_id)
-                    results[i] = exc
+                assert isinstance(result, RouteResult)
+                unbooked.add(result.decision_id)
+                results[i] = exc
             return [r for r in records if r.id not in unbooked]
 
     def _decide(self, engine: Engine, estimates: Estimates, row: int, job: _Job) -> tuple[Decision, float]:

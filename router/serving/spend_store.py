@@ -29,6 +29,9 @@ CONTROLLER_COLUMNS = {
 }
 
 
+WRITE_WAIT_S = 0.5
+
+
 class SpendStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -43,6 +46,10 @@ class SpendStore:
         for column, kind in CONTROLLER_COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE controller ADD COLUMN {column} {kind}")
+        # Serving writes run on the engine thread, which every call's batch waits for: a store
+        # another process holds locked fails the budgeted calls after this, rather than stalling
+        # all traffic for sqlite's default 5 s per batch.
+        self._db.execute(f"PRAGMA busy_timeout = {int(WRITE_WAIT_S * 1000)}")
 
     def spend(self) -> dict[tuple[str, int], float]:
         with self._lock:

@@ -264,8 +264,12 @@ def test_explored_calls_of_a_tenant_with_a_target_book_the_model_served(
 def test_a_spend_store_that_cannot_be_written_fails_only_the_budgeted_calls(server, tmp_path: Path) -> None:
     """Another process holds the spend store's write lock. The budgeted call cannot be booked, so
     it is UNAVAILABLE; a plain call is answered (before, the unwritten spend stayed pending and every
-    later batch, of every tenant, failed INTERNAL); once the lock goes, the spend is written."""
+    later batch, of every tenant, failed INTERNAL, and later still waited sqlite's 5 s on every
+    batch while the event loop waited on the ledger, so plain calls and health checks ran past
+    their deadlines); once the lock goes, the spend is written."""
     import sqlite3
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     budgets, store = tmp_path / "budgets.yaml", tmp_path / "spend.sqlite"
     _write(budgets, "tenants:\n  capped: {limit_usd: 1000.0}\n")
@@ -279,7 +283,13 @@ def test_a_spend_store_that_cannot_be_written_fails_only_the_budgeted_calls(serv
                 _route(stub, PROMPTS[1], "capped")
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "spend store" in info.value.details()
-            assert _route(stub, PROMPTS[2]).model  # the default tenant books nothing
+            for prompt in PROMPTS:  # the default tenant books nothing, and does not wait on the store
+                assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
+            with grpc.insecure_channel(srv.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2.5
+                )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
         finally:
             holder.execute("ROLLBACK")
             holder.close()
