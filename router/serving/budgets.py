@@ -30,6 +30,7 @@ from router.core.errors import InvalidRequest
 log = logging.getLogger(__name__)
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # whole names only: fullmatch
+TENANT_RULE = "1-64 characters of A-Z, a-z, 0-9, '.', '_', '-', the first a letter or digit"
 # Ten years: a longer window is a unit slip, and its start would overflow the store's integers.
 MAX_WINDOW_S = 10 * 365 * 86400.0
 DEFAULT_TENANT = "default"
@@ -40,9 +41,7 @@ def tenant_of(name: str) -> str:
     if not name:
         return DEFAULT_TENANT
     if not TENANT_NAME.fullmatch(name):
-        raise InvalidRequest(
-            "tenant", f"must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-', got {name[:80]!r}"
-        )
+        raise InvalidRequest("tenant", f"must be {TENANT_RULE}, got {name[:80]!r}")
     return name
 
 
@@ -81,7 +80,7 @@ class BudgetsFile(BaseModel):
     def _names(cls, tenants: dict[str, TenantBudget]) -> dict[str, TenantBudget]:
         for name in tenants:
             if not TENANT_NAME.fullmatch(str(name)):
-                raise ValueError(f"tenant name {name!r}: 1-64 characters of A-Z, a-z, 0-9, '.', '_', '-'")
+                raise ValueError(f"tenant name {name!r}: {TENANT_RULE}")
         return tenants
 
 
