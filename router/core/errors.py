@@ -35,6 +35,11 @@ class FeedbackDisabled(RouterError):
     """Feedback needs a store (router serve --feedback-store)."""
 
 
+class Misconfigured(RouterError):
+    """The server's configuration cannot serve the call, whatever the caller sends (a tenant whose
+    allow-list names no model of the bundle served)."""
+
+
 class NotReady(RouterError):
     """No bundle loaded yet, or shutting down."""
 

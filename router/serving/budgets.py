@@ -9,9 +9,10 @@
         on_exhausted: cheapest      # or: reject (RESOURCE_EXHAUSTED)
         allowed_models: [a, b]      # optional allow-list for the tenant
 
-Validated with pydantic (more keys are allowed and ignored); a file that does not validate is
-refused with a message naming the key, and the previous file stays in force. The file is watched
-and reloaded when it changes, without a restart.
+Validated with pydantic (more keys are allowed, each named in a warning: a misspelt key would
+otherwise go unnoticed); a file that does not validate is refused with a message naming the key,
+and the previous file stays in force. The file is watched and reloaded when it changes, without a
+restart.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from router.core.errors import InvalidRequest
 
@@ -45,13 +46,17 @@ def tenant_of(name: str) -> str:
     return name
 
 
+# YAML numbers only: `limit_usd: true` or `"5"` read as 1.0 and 5.0 is a mistake to point out
+Number = Annotated[float, Strict()]
+
+
 class TenantBudget(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     # finite, and large enough that per-call arithmetic (target / 1000) stays a normal number
-    target_usd_per_1k: float | None = Field(default=None, ge=1e-9, allow_inf_nan=False)
-    limit_usd: float | None = Field(default=None, ge=1e-9, allow_inf_nan=False)
-    window_s: float = Field(default=86400.0, ge=1, le=MAX_WINDOW_S, allow_inf_nan=False)
+    target_usd_per_1k: Number | None = Field(default=None, ge=1e-9, allow_inf_nan=False)
+    limit_usd: Number | None = Field(default=None, ge=1e-9, allow_inf_nan=False)
+    window_s: Number = Field(default=86400.0, ge=1, le=MAX_WINDOW_S, allow_inf_nan=False)
     on_exhausted: Literal["cheapest", "reject"] = "cheapest"
     allowed_models: list[str] | None = Field(default=None, min_length=1)
 
@@ -73,7 +78,8 @@ class TenantBudget(BaseModel):
 class BudgetsFile(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    tenants: dict[str, TenantBudget] = Field(default_factory=dict)
+    # required: a file whose `tenants` key is misspelt must not lift every budget
+    tenants: dict[str, TenantBudget]
 
     @field_validator("tenants")
     @classmethod
@@ -96,11 +102,23 @@ def read_budgets(path: Path) -> BudgetsFile:
     if raw is None:  # an editor that truncates before it writes must not lift every budget
         raise BudgetsError(f"{path}: the file is empty; write `tenants: {{}}` to configure no tenant")
     try:
-        return BudgetsFile.model_validate(raw)
+        budgets = BudgetsFile.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise BudgetsError(f"{path}: {where}: {first['msg']}") from exc
+    for where in _unknown_keys(raw):
+        log.warning("budgets file %s: %s is not a budgets key and is ignored (misspelt?)", path, where)
+    return budgets
+
+
+def _unknown_keys(raw: dict) -> list[str]:
+    """Keys the file may carry beside the budgets' own (notes, owners), which are worth a warning:
+    a misspelt `limit_usd` leaves its tenant without the cap."""
+    unknown = [str(k) for k in raw if k not in BudgetsFile.model_fields]
+    for name, tenant in raw["tenants"].items():
+        unknown += [f"tenants.{name}.{k}" for k in tenant if k not in TenantBudget.model_fields]
+    return unknown
 
 
 @dataclass(frozen=True)

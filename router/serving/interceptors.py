@@ -22,6 +22,7 @@ from router.core.errors import (
     DeadlineExceeded,
     FeedbackDisabled,
     InvalidRequest,
+    Misconfigured,
     NotFound,
     NotReady,
     Overloaded,
@@ -39,6 +40,7 @@ STATUS_OF: dict[type[RouterError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     FeedbackDisabled: grpc.StatusCode.FAILED_PRECONDITION,
+    Misconfigured: grpc.StatusCode.FAILED_PRECONDITION,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from router.core.engine import Engine, Estimates
-from router.core.errors import BudgetExhausted, InvalidRequest, StoreUnavailable
+from router.core.errors import BudgetExhausted, InvalidRequest, Misconfigured, StoreUnavailable
 from router.core.policy import Decision, Explore, Preferences
 from router.core.spend_control import SpendController, initial_cost_weight
 from router.serving.budgets import BudgetsWatch, TenantBudget
@@ -76,6 +76,7 @@ class Ledger:
         self._pending: dict[tuple[str, int], tuple[float, int]] = {}
         self._reported = False  # a controller took a reported cost since the last flush
         self._configured: set[str] = set()
+        self._warned: set[tuple[str, tuple[str, ...]]] = set()  # allow-lists naming unknown models
         # decisions run in the engine thread, reloads on the event loop: one at a time
         self._lock = threading.RLock()
         self._apply()
@@ -119,8 +120,18 @@ class Ledger:
         if budget is None or budget.allowed_models is None:
             return tuple(asked)
         permitted = [m for m in budget.allowed_models if m in set(models)]
+        missing = tuple(m for m in budget.allowed_models if m not in set(models))
+        if missing and (tenant, missing) not in self._warned:
+            self._warned.add((tenant, missing))
+            log.warning(
+                "budgets file: tenants.%s.allowed_models names %s, not in the bundle served",
+                tenant,
+                ", ".join(repr(m) for m in missing),
+            )
         if not permitted:
-            raise InvalidRequest("tenant", f"none of tenant {tenant!r}'s allowed_models is in the bundle")
+            raise Misconfigured(
+                f"tenant {tenant!r}: none of its allowed_models in the budgets file is in the bundle served"
+            )
         outside = [m for m in asked if m not in set(permitted)]
         if outside:
             raise InvalidRequest(

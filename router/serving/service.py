@@ -118,7 +118,7 @@ class RouterService:
         prefs = validate(query, engine, self.limits)  # what the caller asked, within the server's limits
         if self.ledger is not None and self.ledger.budget(tenant) is not None:
             allowed = self.ledger.allowed_models(tenant, query.allowed_models, engine.models)
-            if allowed != query.allowed_models:  # the tenant's list, which the file has checked
+            if allowed != query.allowed_models:  # the tenant's list, cut to the models served
                 prefs = dataclasses.replace(prefs, allowed_models=frozenset(allowed))
         explicit = query.cost_weight is not None or bool(query.preset)
         self._in_flight += 1

@@ -3,6 +3,7 @@ allow-lists, tenant names, and a budgets file edited under load or broken."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -152,6 +153,31 @@ def test_a_tenant_allow_list_longer_than_a_request_may_give_still_serves_plain_r
         assert info.value.details().startswith("allowed_models:") and "limit is 2" in info.value.details()
 
 
+def test_an_allow_list_naming_models_the_bundle_lacks_is_the_servers_fault_not_the_callers(
+    server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tenant whose allow-list names no model served was refused INVALID_ARGUMENT, which tells a
+    caller to fix a request that is fine; one misspelt name among good ones narrowed it silently."""
+    budgets = tmp_path / "budgets.yaml"
+    _write(
+        budgets,
+        "tenants:\n"
+        "  typo: {allowed_models: [gemma-7bb, Yi-6b]}\n"
+        "  partly: {allowed_models: [gemma-7b, Yi-6b]}\n",
+    )
+    settings = {"budgets": budgets, "spend_store": tmp_path / "s.sqlite"}
+    caplog.set_level(logging.WARNING, logger="router.serving.ledger")
+    with running_server(bundle=server.settings.bundle, **settings) as srv, router_stub(srv.address) as stub:
+        with pytest.raises(grpc.RpcError) as info:
+            _route(stub, PROMPTS[0], "typo")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "typo" in info.value.details() and "budgets file" in info.value.details()
+        r = _route(stub, PROMPTS[0], "partly", cost_weight=0.0)
+        assert r.model == "gemma-7b" and {e.model for e in r.estimates if e.eligible} == {"gemma-7b"}
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "tenants.partly.allowed_models names 'Yi-6b', not in the bundle served" in text
+
+
 def test_a_budgets_file_edited_under_load_takes_effect_and_a_broken_one_is_refused(
     server, budgets: Path, tmp_path: Path
 ) -> None:
@@ -197,6 +223,9 @@ def test_a_broken_budgets_file_at_start_is_refused_naming_the_key(
         ("tenants:\n  endless: {limit_usd: .inf}\n", "tenants.endless.limit_usd"),
         ("tenants:\n  tiny: {target_usd_per_1k: 4.0e-324}\n", "tenants.tiny.target_usd_per_1k"),
         ("", "the file is empty"),
+        ("tenant:\n  typo: {limit_usd: 1.0}\n", "tenants: Field required"),
+        ("tenants:\n  flag: {limit_usd: true}\n", "tenants.flag.limit_usd"),
+        ("tenants:\n  text: {target_usd_per_1k: '0.2'}\n", "tenants.text.target_usd_per_1k"),
     ]:
         _write(path, text)
         code = main(["serve", "--bundle", str(small_bundle), "--budgets", str(path), "--port", "0"])
