@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import FleetError, OutputError, TableError
-from training.outputs import BUNDLE_MARKER, TABLE_MARKER, check_dir, check_file, writable_dir
+from training.outputs import BUNDLE_MARKER, TABLE_MARKER, check_dir, check_file, make_parent, writable_dir
 
 # What these commands import; checked up front, without importing it (torch alone takes seconds).
 REQUIRED = ("torch", "transformers", "lightgbm", "onnx", "onnxmltools", "pandas", "pyarrow", "matplotlib")
@@ -70,7 +70,7 @@ def _predict(args: argparse.Namespace) -> int:
     from training.predict import predict_to_parquet
 
     out = check_file(Path(args.out), inputs=[Path(args.bundle), Path(args.data)])
-    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, out)
+    n = predict_to_parquet(Path(args.bundle), Path(args.data), args.split, make_parent(out))
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
@@ -115,7 +115,7 @@ def _anchors(args: argparse.Namespace) -> int:
 
     out = check_file(Path(args.out), inputs=[Path(args.bundle), Path(args.data)])
     anchors = choose_anchors(Path(args.bundle), Path(args.data), args.n, seed=args.seed)
-    anchors.to_parquet(out, index=False)
+    anchors.to_parquet(make_parent(out), index=False)
     print(f"wrote {len(anchors)} anchor prompts to {out}")
     return 0
 
@@ -123,7 +123,12 @@ def _anchors(args: argparse.Namespace) -> int:
 def _new_version(args: argparse.Namespace) -> None:
     """A fleet change writes a new version beside its bundle, never over it: a server watching
     the old one keeps it until the hot swap points elsewhere."""
-    check_dir(Path(args.out), BUNDLE_MARKER, inputs=[Path(args.bundle)])
+    inputs = [Path(p) for p in (args.bundle, *(getattr(args, k, None) for k in FLEET_INPUTS)) if p]
+    check_dir(Path(args.out), BUNDLE_MARKER, inputs=inputs)
+
+
+# the files a fleet command reads besides its bundle: never inside the bundle it replaces
+FLEET_INPUTS = ("prompts", "outcomes", "prices")
 
 
 def _changed(manifest: Any, out: str) -> int:

@@ -4,12 +4,16 @@ A directory output (a bundle, a routing table) is assembled beside its target an
 place only once complete, so that a watcher never sees half of one. Replacing an existing output
 is how a bundle is retrained in place, but only an output of the same kind is ever replaced: a
 directory that is neither empty nor holds the kind's marker file, or one that holds a command's
-own input, is refused rather than deleted.
+own input, is refused rather than deleted. The staging directory and the place the old output is
+moved aside to get names of their own (hidden, unique), so nothing the command did not make is
+ever removed. Checks create nothing: missing parent directories are made when the output is written.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +31,21 @@ def _no_file_above(path: Path) -> None:
 
 
 def _creatable_parent(path: Path) -> None:
+    """The nearest existing directory above `path` is one this process may create entries in."""
     _no_file_above(path)
+    existing = next(p for p in Path(os.path.abspath(path)).parents if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot create it in {existing}: permission denied")
+
+
+def make_parent(path: Path) -> Path:
+    """Creates the directories above an output checked before, when it is about to be written."""
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{path}: cannot create {path.parent}: {exc.strerror or exc}") from None
+    return path
 
 
 def _not_an_input(path: Path, inputs: Sequence[Path]) -> None:
@@ -89,19 +103,18 @@ def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Ite
     """Yields an empty staging directory; once the body has filled it without an error, it takes
     `out_dir`'s place. An error removes it and leaves `out_dir` as it was."""
     out_dir = check_dir(out_dir, marker, inputs)
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    make_parent(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if out_dir.exists():  # moved aside whole, so that a failure leaves it whole
-        replaced = out_dir.with_name(out_dir.name + ".replaced")
-        shutil.rmtree(replaced, ignore_errors=True)
+        aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+        replaced = aside / out_dir.name
         out_dir.rename(replaced)
         staging.rename(out_dir)
-        shutil.rmtree(replaced, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     else:
         staging.rename(out_dir)

@@ -233,6 +233,9 @@ def test_remove_and_reprice_refuse_what_is_not_in_the_bundle(
         (f"{model},-1,2", "must be a number from 0 to"),
         (f"{model},inf,2", "must be a number from 0 to"),
         (f"{model},true,2", "got True"),
+        (f"{model},N/A,2", "input_usd_per_mtok"),
+        (f"{model},1,NaN", "output_usd_per_mtok"),
+        (f"{model},NULL,2", "input_usd_per_mtok"),
         (f"{model},,", "every cell is empty"),
         ("nosuch,1,2\n,2,2", "model is empty in row 1"),
         ("", "lists no model"),
@@ -241,7 +244,7 @@ def test_remove_and_reprice_refuse_what_is_not_in_the_bundle(
         command = ["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)]
         err = _refused(command, capsys)
         assert message in err, (cells, err)
-        assert not out.exists() and not out.with_name(out.name + ".staging").exists()
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
 
 
 def test_a_new_version_never_replaces_its_input_or_a_directory_that_is_not_a_bundle(
@@ -277,7 +280,48 @@ def test_a_new_version_never_replaces_its_input_or_a_directory_that_is_not_a_bun
     err = _refused(["anchors", "--bundle", str(without), "--data", str(tmp_path), "--n", "5",
                     "--out", str(heads)], capsys)  # fmt: skip
     assert "is or holds this command's input" in err and heads.read_bytes() == before
-    assert link.is_symlink() and not (tmp_path / "current.staging").exists()
+    assert link.is_symlink() and not list(tmp_path.glob(".current.*"))
+
+
+def test_a_new_version_removes_nothing_it_did_not_make_and_a_refusal_creates_nothing(
+    without: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`OUT.staging` and `OUT.replaced` were cleared without a look (an input bundle of that name
+    went too); an input file inside the bundle --out replaced was deleted with it; and a refused
+    command had already made --out's missing parent directories."""
+    model = open_engine(without, provider="cpu")[1].models[0]
+    prices = tmp_path / "prices.csv"
+    prices.write_text(f"model,input_usd_per_mtok,output_usd_per_mtok\n{model},1,2\n", encoding="utf-8")
+    notes = tmp_path / "v2.staging"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me", encoding="utf-8")
+    (tmp_path / "v2.replaced").mkdir()
+    out = tmp_path / "v2"
+    assert main(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)]) == 0
+    assert main(["reprice", "--bundle", str(without), "--prices", str(prices), "--out", str(out)]) == 0
+    assert (notes / "todo.txt").read_text(encoding="utf-8") == "keep me"
+    assert (tmp_path / "v2.replaced").is_dir() and not list(tmp_path.glob(".v2.*"))
+    named_like_staging = shutil.copytree(without, tmp_path / "keep.staging")
+    keep = tmp_path / "keep"
+    assert (
+        main(["reprice", "--bundle", str(named_like_staging), "--prices", str(prices), "--out", str(keep)])
+        == 0
+    )
+    assert (
+        open_engine(named_like_staging, provider="cpu")[1].models
+        and open_engine(keep, provider="cpu")[1].models
+    )
+    inside = out / "prices.csv"
+    shutil.copy(prices, inside)
+    err = _refused(["reprice", "--bundle", str(without), "--prices", str(inside), "--out", str(out)], capsys)
+    assert "is or holds this command's input" in err and inside.exists()
+    deep = tmp_path / "nd" / "deeper" / "v3"
+    err = _refused(["reprice", "--bundle", str(without), "--prices", str(tmp_path / "none.csv"),
+                    "--out", str(deep)], capsys)  # fmt: skip
+    assert "none.csv" in err and not (tmp_path / "nd").exists()
+    err = _refused(["anchors", "--bundle", str(without), "--data", str(tmp_path), "--n", "0",
+                    "--out", str(tmp_path / "ad" / "sub" / "a.parquet")], capsys)  # fmt: skip
+    assert not (tmp_path / "ad").exists()
 
 
 def test_the_manifest_records_the_fleet_history(added: Path) -> None:
