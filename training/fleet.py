@@ -493,7 +493,13 @@ def _latency(name: str, value: float | None) -> float | None:
 def _read(path: Path, columns: tuple[str, ...], kind: str) -> pd.DataFrame:
     """A parquet or CSV file with at least `columns`, or a FleetError naming the problem."""
     try:
-        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path)
+        # only an empty cell is missing: "NaN", "NULL" or "N/A" in a price file is a mistake to name,
+        # not "keep the old price"
+        frame = (
+            pd.read_parquet(path)
+            if kind == "parquet"
+            else pd.read_csv(path, keep_default_na=False, na_values=[""])
+        )
     except Exception as exc:  # pyarrow and pandas raise several types for missing or malformed files
         raise FleetError(f"{path}: cannot read it as {kind} ({exc})") from exc
     missing = [c for c in columns if c not in frame.columns]
