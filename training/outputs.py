@@ -12,8 +12,8 @@ ever removed. Checks create nothing: missing parent directories are made when th
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,20 +98,34 @@ def check_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Path:
     return out_dir
 
 
+def _unique_dir(out_dir: Path, role: str) -> Path:
+    """A new hidden directory beside `out_dir`, with the mode a plain mkdir gives it.
+
+    Not tempfile.mkdtemp: its 0700 would become the output's own mode once renamed into place,
+    and a server running as another user (the container's) could no longer read the bundle."""
+    while True:
+        path = out_dir.parent / f".{out_dir.name}.{role}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
 @contextmanager
 def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yields an empty staging directory; once the body has filled it without an error, it takes
     `out_dir`'s place. An error removes it and leaves `out_dir` as it was."""
     out_dir = check_dir(out_dir, marker, inputs)
     make_parent(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging = _unique_dir(out_dir, "staging")
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if out_dir.exists():  # moved aside whole, so that a failure leaves it whole
-        aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.replaced-", dir=out_dir.parent))
+        aside = _unique_dir(out_dir, "replaced")
         replaced = aside / out_dir.name
         out_dir.rename(replaced)
         staging.rename(out_dir)

@@ -1,0 +1,46 @@
+"""Directory outputs: renamed into place whole, readable as a plain mkdir would leave them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from training.outputs import BUNDLE_MARKER, replaced_dir
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_a_written_output_has_the_mode_mkdir_gives_so_other_users_can_read_it(
+    tmp_path: Path, umask_022: None
+) -> None:
+    # A server in a container runs as another user than the trainer; a 0700 bundle is unreadable.
+    out = tmp_path / "bundle"
+    with replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text("{}")
+    assert out.stat().st_mode & 0o777 == 0o755
+    with replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text('{"v": 2}')
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / BUNDLE_MARKER).read_text() == '{"v": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_a_failed_write_leaves_the_old_output_and_no_staging_behind(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / BUNDLE_MARKER).write_text("old")
+    with pytest.raises(RuntimeError), replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text("new")
+        raise RuntimeError("training failed")
+    assert (out / BUNDLE_MARKER).read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
