@@ -393,7 +393,10 @@ def recalibrated_policy(
     presets = {name: p for name, p in old.presets.items() if name not in PRESET_COST_FRACTIONS}
     for name, fraction in PRESET_COST_FRACTIONS.items():
         kept = old.presets.get(name)
-        if kept is not None and best_before > 0:  # a free best model leaves no share to keep
+        # A free best model leaves no share to keep, and a preset at w = 1 says only that the old
+        # bundle could not get as cheap as it asks (all models about equally dear): carried over,
+        # its share of about 1 would make it the quality preset for every later change.
+        if kept is not None and best_before > 0 and kept.cost_weight < 1.0:
             fraction = mean_cost(prev, kept.cost_weight, old.c_ref_usd) / best_before
         target = fraction * best_after
         w = next((w for w, cost in curve if cost <= target), 1.0)

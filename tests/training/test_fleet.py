@@ -18,9 +18,13 @@ import pytest
 
 from router.cli import main
 from router.core.engine import open_engine
+from router.core.policy import choose
 from router.core.pricing import PER_TOKEN
 from tests.conftest import HELD_OUT, N_ANCHORS
+from training.metrics import W_GRID
+from training.reference import Reference
 from training.tables import load_table
+from training.validation import PRESET_COST_FRACTIONS
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +148,47 @@ def test_a_reprice_that_changes_no_price_keeps_the_policy_and_a_real_one_keeps_i
         main(["reprice", "--bundle", str(tmp_path / "f"), "--prices", str(one), "--out", str(tmp_path / "g")])
         == 0
     )
+
+
+def test_presets_a_flat_priced_fleet_could_not_reach_come_back_when_prices_do(
+    without: Path, tmp_path: Path
+) -> None:
+    """At one price for all, every cost preset saturates at w = 1 with a cost share of about 1;
+    carried over as the share to keep, that share turned every cost preset into `quality` (w = 0)
+    once the real prices were back, and kept it so through every later change."""
+    source = open_engine(without, provider="cpu")[0].manifest
+    header = "model,input_usd_per_mtok,output_usd_per_mtok\n"
+    flat, real = tmp_path / "flat.csv", tmp_path / "real.csv"
+    flat.write_text(header + "".join(f"{m.name},1,1\n" for m in source.models), encoding="utf-8")
+    real.write_text(
+        header
+        + "".join(f"{m.name},{m.input_usd_per_mtok!r},{m.output_usd_per_mtok!r}\n" for m in source.models),
+        encoding="utf-8",
+    )
+    for prices, bundle, out in ((flat, without, "flat"), (real, tmp_path / "flat", "back")):
+        args = ["reprice", "--bundle", str(bundle), "--prices", str(prices), "--out", str(tmp_path / out)]
+        assert main(args) == 0
+    flat_policy = open_engine(tmp_path / "flat", provider="cpu")[0].manifest.policy
+    bundle, engine = open_engine(tmp_path / "back", provider="cpu")
+    back = bundle.manifest.policy
+    w = [back.presets[name].cost_weight for name in ("cost-10", "cost-30", "cost-50")]
+    assert w[0] >= w[1] >= w[2] and w[0] > 0, w
+    # a preset the flat fleet saturated is recalibrated to its nominal share of the best model's cost
+    est = engine.estimate_features(Reference.of_bundle(bundle).calibration)
+    rows = np.arange(len(est.quality))
+    best = est.cost_usd[:, int(np.argmax(est.quality.mean(axis=0)))].mean()
+    saturated = [n for n, f in PRESET_COST_FRACTIONS.items() if flat_policy.presets[n].cost_weight == 1.0]
+    assert saturated, flat_policy.presets
+    for name in saturated:
+        spend = [
+            est.cost_usd[rows, choose(est.quality, est.cost_usd, float(x), back.c_ref_usd)].mean()
+            for x in W_GRID
+        ]
+        nominal = next(
+            (float(x) for x, c in zip(W_GRID, spend, strict=True) if c <= PRESET_COST_FRACTIONS[name] * best),
+            1.0,
+        )
+        assert back.presets[name].cost_weight == pytest.approx(nominal, rel=1e-6), name
 
 
 def _refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
