@@ -202,9 +202,11 @@ def add_model(
         tpot_ms=_latency("tpot_ms", tpot_ms),
     )
     models = [*bundle.manifest.models, spec]
+    trained = np.array([spec.origin == "trained" for spec in bundle.manifest.models])
     details = {
         "scored_prompts": len(scored.texts),
-        "in_training_data": int(inside.sum()),
+        # Rows that earlier add-model anchors put into the reference are not training data.
+        "in_training_data": int((~np.isnan(observed_q[:, trained])).any(axis=1).sum()),
         "output_tokens_known": int((~np.isnan(scored.output_tokens)).sum()),
         **added.summary(list(engine.models)),
         "holdback_check": gate,
@@ -245,29 +247,38 @@ def _holdback(
     the whole trade-off curve (AIQ, METRICS.md) against their true outcomes; the smallest
     HOLDBACK_STEPS value with which the curve is at least as good as without the model is kept (the
     largest step means: only where it is the one allowed). Anchors the bundle was not trained on
-    cannot be checked this way; with fewer than MIN_SCORED_PROMPTS checkable, nothing is held back."""
-    checkable = ~np.isnan(observed_q).any(axis=1) & ~np.isnan(observed_o).any(axis=1)
-    info: dict = {"anchors_checked": int(checkable.sum())}
-    if checkable.sum() < MIN_SCORED_PROMPTS:
-        return 0.0, info | {"holdback": 0.0, "why": "too few anchors with every model's outcomes"}
+    cannot be checked this way. Models added to the bundle earlier have outcomes on their own
+    anchors only, so such models are left out of the check, one at a time, until at least
+    MIN_SCORED_PROMPTS anchors have every remaining model's; if none are left, nothing is held back."""
+    known = ~np.isnan(observed_q) & ~np.isnan(observed_o)
+    columns = _checked_columns(known)
+    checkable = known[:, columns].all(axis=1) if columns else np.zeros(len(known), dtype=bool)
+    info: dict = {
+        "anchors_checked": int(checkable.sum()) if columns else 0,
+        "models_left_out": [m for i, m in enumerate(engine.models) if i not in columns],
+    }
+    if not columns:
+        return 0.0, info | {"holdback": 0.0, "why": "too few anchors with the other models' outcomes"}
     _, p_in, p_out = prices
     all_in = np.append(engine.prices.input_usd_per_mtok, p_in)
     all_out = np.append(engine.prices.output_usd_per_mtok, p_out)
     _, new_tokens = added.predict(estimates.quality, estimates.output_tokens)
     true_tokens = np.where(np.isnan(scored.output_tokens), new_tokens, scored.output_tokens)
     rows = np.nonzero(checkable)[0]
+    kept = [*columns, len(engine.models)]
+    grid = np.ix_(rows, np.array(columns))
     in_tokens = estimates.input_tokens[rows][:, None]
-    true_score = np.column_stack([observed_q[rows], scored.score[rows]])
-    out_tokens = np.column_stack([observed_o[rows], true_tokens[rows]])
-    true_cost = PER_TOKEN * (in_tokens * all_in[None, :] + out_tokens * all_out[None, :])
+    true_score = np.column_stack([observed_q[grid], scored.score[rows]])
+    out_tokens = np.column_stack([observed_o[grid], true_tokens[rows]])
+    true_cost = PER_TOKEN * (in_tokens * all_in[None, kept] + out_tokens * all_out[None, kept])
     cost = np.column_stack(
-        [estimates.cost_usd[rows], PER_TOKEN * (in_tokens[:, 0] * p_in + new_tokens[rows] * p_out)]
+        [estimates.cost_usd[grid], PER_TOKEN * (in_tokens[:, 0] * p_in + new_tokens[rows] * p_out)]
     )
     oof = out_of_fold(regressors, scored.score, estimates.quality)[rows]
-    names = [*engine.models, "new"]
+    names = [*(engine.models[c] for c in columns), "new"]
 
     def aiq(new_quality: np.ndarray) -> float:
-        q = np.column_stack([estimates.quality[rows], new_quality])
+        q = np.column_stack([estimates.quality[grid], new_quality])
         return float(evaluate(names, true_score, true_cost, q, cost, engine.policy.c_ref_usd).figures["aiq"])
 
     without = aiq(np.full(len(rows), -1e9))
@@ -278,6 +289,22 @@ def _holdback(
             break
     info |= {"aiq_without": round(without, 4), "aiq_with": {str(k): round(v, 4) for k, v in tried.items()}}
     return step, info | {"holdback": step}
+
+
+def _checked_columns(known: np.ndarray) -> list[int]:
+    """The models the holdback check can route: all of them, less one at a time the model whose
+    leaving out completes the most anchors (ties: the one with fewer known outcomes), until
+    MIN_SCORED_PROMPTS anchors have every kept model's outcomes (none if it never gets there)."""
+    columns = list(range(known.shape[1]))
+
+    def complete(kept: list[int]) -> int:
+        return int(known[:, kept].all(axis=1).sum())
+
+    while columns and complete(columns) < MIN_SCORED_PROMPTS:
+        columns.remove(
+            max(columns, key=lambda c: (complete([k for k in columns if k != c]), -known[:, c].sum(), c))
+        )
+    return columns
 
 
 def remove_model(bundle_dir: Path, out_dir: Path, model: str) -> Manifest:

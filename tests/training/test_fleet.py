@@ -89,6 +89,43 @@ def test_remove_model_keeps_every_other_estimate(added: Path, texts: list[str], 
     assert [c.op for c in bundle.manifest.changes] == ["add-model", "remove-model"]
 
 
+def test_a_model_added_to_a_bundle_that_has_an_added_model_is_still_checked(
+    without: Path, added: Path, data_dir: Path, anchor_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The earlier added model has outcomes on its own anchors only: the holdback check leaves it
+    out instead of finding no anchor with every model's outcomes, and its anchors do not count as
+    the bundle's training data."""
+    _, engine = open_engine(added, provider="cpu")
+    back = engine.models[0]
+    removed = tmp_path / "removed"
+    assert main(["remove-model", "--bundle", str(added), "--model", back, "--out", str(removed)]) == 0
+    source, _ = open_engine(without, provider="cpu")
+    train = load_table(data_dir / "mmlu_pro").split("train").prompts
+    seen = train[Reference.of_bundle(source).rows_of(list(train["prompt"])) >= 0]
+    # HELD_OUT's anchors and prompts the bundle was trained on, most of which lack HELD_OUT's outcomes
+    prompts, _ = anchor_files
+    both = pd.concat([pd.read_parquet(prompts), seen[["prompt_id", "prompt"]].iloc[:40]])
+    both = both.drop_duplicates("prompt_id")
+    again = tmp_path / "again.parquet"
+    both.to_parquet(again, index=False)
+    outcomes = pd.read_parquet(data_dir / "mmlu_pro" / "outcomes.parquet")
+    mine = outcomes[(outcomes["model"] == back) & outcomes["prompt_id"].isin(both["prompt_id"])]
+    mine.to_parquet(tmp_path / "outcomes.parquet", index=False)
+    out = tmp_path / "readded"
+    assert main(["add-model", "--bundle", str(removed), "--model", back, "--prompts", str(again),
+                 "--outcomes", str(tmp_path / "outcomes.parquet"), "--input-usd-per-mtok", "1",
+                 "--output-usd-per-mtok", "4", "--out", str(out)]) == 0  # fmt: skip
+    bundle, _ = open_engine(out, provider="cpu")
+    first, _, last = bundle.manifest.changes
+    check = last.details["holdback_check"]
+    assert check["models_left_out"] == [HELD_OUT] and check["anchors_checked"] >= 20
+    assert "aiq_without" in check
+    trained = Reference.of_bundle(source).rows_of(list(both["prompt"])) >= 0
+    # some of HELD_OUT's anchors are outside the training data, so counting its rows would differ
+    assert first.details["in_training_data"] < N_ANCHORS
+    assert last.details["in_training_data"] == int(trained.sum()) < len(both)
+
+
 def test_a_repriced_bundle_costs_tokens_times_the_new_prices(
     without: Path, texts: list[str], tmp_path: Path
 ) -> None:
