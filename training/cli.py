@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,12 @@ def _add_model(args: argparse.Namespace) -> int:
         ttft_ms=args.ttft_ms,
         tpot_ms=args.tpot_ms,
     )
+    if not manifest.models[-1].output_tokens_known:
+        print(
+            f"note: too few of {args.model}'s outcomes record output_tokens to estimate its output"
+            " length: its predicted cost is input tokens only, a lower bound",
+            file=sys.stderr,
+        )
     return _changed(manifest, args.out)
 
 

@@ -126,6 +126,24 @@ def test_a_model_added_to_a_bundle_that_has_an_added_model_is_still_checked(
     assert last.details["in_training_data"] == int(trained.sum()) < len(both)
 
 
+def test_a_model_added_without_output_token_counts_is_priced_on_input_and_says_so(
+    without: Path, anchor_files: tuple[Path, Path], texts: list[str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    prompts, outcomes = anchor_files
+    bare = tmp_path / "no_tokens.parquet"
+    pd.read_parquet(outcomes).drop(columns=["output_tokens"]).to_parquet(bare, index=False)
+    out = tmp_path / "no_tokens"
+    assert main(["add-model", "--bundle", str(without), "--model", HELD_OUT, "--prompts", str(prompts),
+                 "--outcomes", str(bare), "--input-usd-per-mtok", "2", "--output-usd-per-mtok", "8",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert "input tokens only" in capsys.readouterr().err
+    bundle, engine = open_engine(out, provider="cpu")
+    assert not bundle.manifest.models[-1].output_tokens_known
+    estimates = engine.estimate(texts)
+    assert np.allclose(estimates.cost_usd[:, -1], PER_TOKEN * estimates.input_tokens * 2.0)
+
+
 def test_a_repriced_bundle_costs_tokens_times_the_new_prices(
     without: Path, texts: list[str], tmp_path: Path
 ) -> None:
