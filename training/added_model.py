@@ -86,7 +86,7 @@ def out_of_fold(z: np.ndarray, y: np.ndarray, estimates: np.ndarray, folds: int 
 @dataclass(frozen=True)
 class AddedModel:
     quality: Ridge
-    tokens: Ridge | None  # None: the outcomes had no output token counts
+    tokens: Ridge | None  # None: fewer than min_token_rows outcomes had output token counts
     smearing: float
     # Subtracted from the quality estimate: how far add-model holds the model back so that, on the
     # anchors, routing with it is no worse than without it (training/fleet.py).

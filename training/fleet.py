@@ -176,7 +176,10 @@ def add_model(
         scored.output_tokens,
         MIN_SCORED_PROMPTS,
     )
-    holdback, gate = _holdback(added, regressors, scored, estimates, observed_q, observed_o, prices, engine)
+    trained = np.array([spec.origin == "trained" for spec in bundle.manifest.models])
+    holdback, gate = _holdback(
+        added, regressors, scored, estimates, observed_q, observed_o, trained, prices, engine
+    )
     added = added.held_back(holdback)
     old_graph = onnx.load(bundle.root / bundle.manifest.heads.file)
     graph = chain(old_graph, added.to_onnx(len(engine.models)), _tag(bundle)).SerializeToString()
@@ -202,7 +205,6 @@ def add_model(
         tpot_ms=_latency("tpot_ms", tpot_ms),
     )
     models = [*bundle.manifest.models, spec]
-    trained = np.array([spec.origin == "trained" for spec in bundle.manifest.models])
     details = {
         "scored_prompts": len(scored.texts),
         # Rows that earlier add-model anchors put into the reference are not training data.
@@ -235,6 +237,7 @@ def _holdback(
     estimates: Estimates,
     observed_q: np.ndarray,
     observed_o: np.ndarray,
+    trained: np.ndarray,
     prices: tuple[str, float, float],
     engine: Engine,
 ) -> tuple[float, dict]:
@@ -242,23 +245,23 @@ def _holdback(
 
     A model estimated from a few hundred outcomes is less sure than the bundle's own models, and a
     small overestimate can draw traffic from better-known ones and make routing worse than without
-    it. On the anchors whose outcomes the bundle's training data has for every other model, the
+    it. On the anchors where the bundle's reference has the outcomes of every checked model, the
     engine's estimates for those models and out-of-fold estimates for the new one are routed over
     the whole trade-off curve (AIQ, METRICS.md) against their true outcomes; the smallest
     HOLDBACK_STEPS value with which the curve is at least as good as without the model is kept (the
-    largest step means: only where it is the one allowed). Anchors the bundle was not trained on
-    cannot be checked this way. Models added to the bundle earlier have outcomes on their own
-    anchors only, so such models are left out of the check, one at a time, until at least
-    MIN_SCORED_PROMPTS anchors have every remaining model's; if none are left, nothing is held back."""
+    largest step means: only where it is the one allowed). Models without outcomes on enough of
+    the anchors (models added earlier have them on their own anchors only) are left out of the
+    check, one at a time, until at least MIN_SCORED_PROMPTS anchors have every remaining model's;
+    if no trained model is left, nothing is held back."""
     known = ~np.isnan(observed_q) & ~np.isnan(observed_o)
-    columns = _checked_columns(known)
+    columns = _checked_columns(known, trained)
     checkable = known[:, columns].all(axis=1) if columns else np.zeros(len(known), dtype=bool)
     info: dict = {
         "anchors_checked": int(checkable.sum()) if columns else 0,
         "models_left_out": [m for i, m in enumerate(engine.models) if i not in columns],
     }
     if not columns:
-        return 0.0, info | {"holdback": 0.0, "why": "too few anchors with the other models' outcomes"}
+        return 0.0, info | {"holdback": 0.0, "why": "too few anchors with trained models' outcomes"}
     _, p_in, p_out = prices
     all_in = np.append(engine.prices.input_usd_per_mtok, p_in)
     all_out = np.append(engine.prices.output_usd_per_mtok, p_out)
@@ -291,20 +294,22 @@ def _holdback(
     return step, info | {"holdback": step}
 
 
-def _checked_columns(known: np.ndarray) -> list[int]:
+def _checked_columns(known: np.ndarray, trained: np.ndarray) -> list[int]:
     """The models the holdback check can route: all of them, less one at a time the model whose
-    leaving out completes the most anchors (ties: the one with fewer known outcomes), until
-    MIN_SCORED_PROMPTS anchors have every kept model's outcomes (none if it never gets there)."""
+    leaving out completes the most anchors (ties: a model added earlier, then the one with fewer
+    known outcomes), until MIN_SCORED_PROMPTS anchors have every kept model's outcomes. None if
+    that leaves no trained model: the check would then rest on outcomes the bundle never learnt."""
     columns = list(range(known.shape[1]))
 
     def complete(kept: list[int]) -> int:
         return int(known[:, kept].all(axis=1).sum())
 
+    def gain(c: int) -> tuple[int, bool, int, int]:
+        return complete([k for k in columns if k != c]), not trained[c], -int(known[:, c].sum()), c
+
     while columns and complete(columns) < MIN_SCORED_PROMPTS:
-        columns.remove(
-            max(columns, key=lambda c: (complete([k for k in columns if k != c]), -known[:, c].sum(), c))
-        )
-    return columns
+        columns.remove(max(columns, key=gain))
+    return columns if trained[columns].any() else []
 
 
 def remove_model(bundle_dir: Path, out_dir: Path, model: str) -> Manifest:

@@ -21,6 +21,7 @@ from router.core.engine import open_engine
 from router.core.policy import choose
 from router.core.pricing import PER_TOKEN
 from tests.conftest import HELD_OUT, N_ANCHORS
+from training.fleet import _checked_columns
 from training.metrics import W_GRID
 from training.reference import Reference
 from training.tables import load_table
@@ -124,6 +125,18 @@ def test_a_model_added_to_a_bundle_that_has_an_added_model_is_still_checked(
     # some of HELD_OUT's anchors are outside the training data, so counting its rows would differ
     assert first.details["in_training_data"] < N_ANCHORS
     assert last.details["in_training_data"] == int(trained.sum()) < len(both)
+
+
+def test_the_holdback_check_leaves_out_added_models_first_and_never_rests_on_them_alone() -> None:
+    known = np.zeros((100, 4), dtype=bool)
+    trained = np.array([True, True, True, False])
+    known[:41, :3] = True  # the trained models' outcomes, on the anchors the bundle was trained on
+    known[39:, 3] = True  # the added model's, on its own anchors: more of them, few shared
+    assert _checked_columns(known, trained) == [0, 1, 2]
+    # anchors outside the training data: only the added model's outcomes, so nothing to check
+    outside = np.zeros((100, 4), dtype=bool)
+    outside[:, 3] = True
+    assert _checked_columns(outside, trained) == []
 
 
 def test_a_model_added_without_output_token_counts_is_priced_on_input_and_says_so(
