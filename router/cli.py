@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sqlite3
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -56,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     from router.serving.budgets import BudgetsError
     from router.serving.config import ServeSettings
     from router.serving.server import serve
+    from router.serving.spend_store import SpendStoreError
 
     overrides = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
     try:
@@ -84,8 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"budgets refused: {exc}") from exc
     except StoreError as exc:
         raise CliError(f"feedback store refused: {exc}") from exc
-    except sqlite3.Error as exc:
-        raise CliError(f"spend store {settings.spend_store} refused: {exc}") from exc
+    except SpendStoreError as exc:
+        raise CliError(f"spend store refused: {exc}") from exc
     except OSError as exc:
         raise CliError(str(exc)) from exc
     return 0

@@ -28,7 +28,7 @@ class NotFound(RouterError):
 
 
 class StoreUnavailable(RouterError):
-    """The feedback store cannot be reached; Route keeps serving."""
+    """The feedback or spend store cannot be reached; Route keeps serving the calls that need neither."""
 
 
 class FeedbackDisabled(RouterError):

@@ -359,7 +359,7 @@ class PostgresStore(SqlStore):
                 for statement in self.schema():
                     cur.execute(statement)
         except Exception as exc:  # psycopg raises its own types for an unreachable server
-            raise StoreError(f"{shown(url)}: {_without_password(str(exc), url)}") from exc
+            raise StoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Any]:
@@ -398,7 +398,7 @@ def shown(url: str) -> str:
     return parsed.geturl()
 
 
-def _without_password(message: str, url: str) -> str:
+def without_password(message: str, url: str) -> str:
     parsed = urlparse(url)
     passwords = [parsed.password] + [v for k, v in parse_qsl(parsed.query) if k == "password"]
     for password in filter(None, passwords):

@@ -6,9 +6,9 @@ matching `router serve` flag. Read once in the entry point, never at import time
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePath
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,10 +67,11 @@ class ServeSettings(BaseSettings):
         description="YAML file of per-tenant spend targets, caps and allow-lists (README); reloaded "
         "when it changes. Unset: no budgets.",
     )
-    spend_store: Path = Field(
-        default=Path("router-spend.sqlite"),
-        description="SQLite file where per-tenant spend and spend-target state outlive the process "
-        "(used with budgets). Per replica; put it on a persistent volume.",
+    spend_store: str = Field(
+        default="router-spend.sqlite",
+        description="Where per-tenant spend and spend-target state outlive the process (used with "
+        "budgets): an SQLite file (PATH or sqlite:///PATH; per replica, on a persistent volume) or "
+        "postgresql://... (replicas sharing their tenants' caps).",
     )
 
     tls_cert: Path | None = Field(default=None, description="PEM server certificate chain: enables TLS.")
@@ -108,6 +109,11 @@ class ServeSettings(BaseSettings):
     )
     log_prompts: bool = Field(default=False, description="Log prompt text (debugging only; off by default).")
     log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @field_validator("spend_store", mode="before")
+    @classmethod
+    def _spend_store_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, PurePath) else value
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServeSettings:

@@ -32,10 +32,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from router.core.engine import Engine, Estimates
@@ -44,7 +43,7 @@ from router.core.policy import Decision, Explore, Preferences
 from router.core.spend_control import SpendController, initial_cost_weight
 from router.serving.budgets import BudgetsWatch, TenantBudget
 from router.serving.metrics import Metrics
-from router.serving.spend_store import SpendStore
+from router.serving.spend_store import Key, SpendStore, SpendStoreError, open_spend_store
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,9 @@ class Ledger:
         self._saved = store.controllers()
         self._controllers: dict[str, SpendController] = {}
         self._pending: dict[tuple[str, int], tuple[float, int]] = {}
+        # windows whose shared spend this batch has locked and read (a store shared by replicas)
+        self._held: set[Key] = set()
+        self._unread: str | None = None  # why this batch could not read the shared spend
         self._reported = False  # a controller took a reported cost since the last flush
         self._configured: set[str] = set()
         self._warned: set[tuple[str, tuple[str, ...]]] = set()  # allow-lists naming unknown models
@@ -141,6 +143,41 @@ class Ledger:
 
     # -- decisions (engine thread) -------------------------------------------------------------
 
+    def hold(self, tenants: Iterable[str]) -> None:
+        """Before a batch's decisions: where replicas share the spend store, locks the current
+        window of each capped tenant among `tenants` until the batch's flush or release, and takes
+        what every replica has spent in it. If the store cannot be read, the batch's capped calls
+        fail (StoreUnavailable) and the others are decided as usual."""
+        with self._lock:
+            now = self.clock()
+            keys: set[Key] = set()
+            for tenant in tenants:
+                budget = self.budget(tenant)
+                if budget is not None and budget.limit_usd is not None:
+                    keys.add((tenant, window_start(now, budget.window_s)))
+            keys -= self._held
+            if not keys or self._unread is not None:
+                return
+            try:
+                shared = self.store.hold(keys)
+            except SpendStoreError as exc:
+                self._unread = f"the spend store cannot be read: {exc}"
+                return
+            for key, spent in shared.items():
+                # what this replica booked but could not write yet is not in the store
+                self._spent[key] = spent + self._pending.get(key, (0.0, 0))[0]
+            self._held |= set(shared)
+
+    def release(self) -> None:
+        """After a batch: lets go of what hold() locked, if the flush did not write it."""
+        with self._lock:
+            self._held.clear()
+            self._unread = None
+            try:
+                self.store.release()
+            except SpendStoreError as exc:  # pragma: no cover - a rollback on a broken connection
+                log.error("the spend store: %s", exc)
+
     def decide(
         self,
         engine: Engine,
@@ -186,6 +223,8 @@ class Ledger:
         """The preferences a capped tenant's call is decided with, and the note its reason starts
         with; BudgetExhausted where `reject` applies."""
         assert budget.limit_usd is not None
+        if self._unread is not None:
+            raise StoreUnavailable(self._unread)
         window = window_start(now, budget.window_s)
         remaining = budget.limit_usd - self._spent.get((tenant, window), 0.0)
         allowed = [
@@ -267,8 +306,10 @@ class Ledger:
             states = {t: c.state for t, c in self._controllers.items()}
             try:
                 self.store.add(self._pending, states)
-            except sqlite3.Error as exc:  # kept pending, for the next flush
+            except SpendStoreError as exc:  # kept pending, for the next flush
                 raise StoreUnavailable(f"the spend store cannot be written: {exc}") from exc
+            finally:
+                self._held.clear()  # the write, or its failure, ended the held transaction
             self._pending, self._reported = {}, False
             self._saved |= states
             if self.clock() - self._pruned_at >= PRUNE_EVERY_S:
@@ -305,6 +346,7 @@ class Ledger:
         self.store.close()
 
 
-def open_ledger(budgets: Path, spend_store: Path, metrics: Metrics) -> Ledger:
-    """The ledger for a budgets file; a file that does not validate stops the start-up."""
-    return Ledger(BudgetsWatch(budgets), SpendStore(spend_store), metrics)
+def open_ledger(budgets: Path, spend_store: str, metrics: Metrics) -> Ledger:
+    """The ledger for a budgets file; a file that does not validate, or a spend store that cannot
+    be opened, stops the start-up."""
+    return Ledger(BudgetsWatch(budgets), open_spend_store(spend_store), metrics)

@@ -144,6 +144,13 @@ class RouterService:
         return result
 
     def _run_batch(self, jobs: Sequence[_Job], waiting: Callable[[int], bool]) -> list[RouteResult]:
+        try:
+            return self._decide_batch(jobs, waiting)
+        finally:
+            if self.ledger is not None:
+                self.ledger.release()  # what a batch locked of a shared spend store never outlives it
+
+    def _decide_batch(self, jobs: Sequence[_Job], waiting: Callable[[int], bool]) -> list[RouteResult]:
         """Runs in the engine thread: one engine run per bundle present in the batch (a swap can
         leave calls admitted under the old bundle beside calls under the new one). A call whose
         caller stopped waiting during the run (`waiting`) is not decided: its tenant's spend is not
@@ -164,6 +171,8 @@ class RouterService:
             m.stage_seconds.labels(stage="embed").observe(batch.embed_s)
             m.stage_seconds.labels(stage="heads").observe(batch.heads_s)
             input_tokens = batch.estimates.input_tokens.tolist()
+            if self.ledger is not None:
+                self.ledger.hold(jobs[i].tenant for i in idx)
             policy = m.stage_seconds.labels(stage="policy")
             for row, i in enumerate(idx):
                 job = jobs[i]

@@ -1,20 +1,31 @@
-"""Where per-tenant spend outlives the process: an SQLite file (WAL), one row per tenant and window.
+"""Where per-tenant spend outlives the process: one row per tenant and window, and each spend
+controller's state.
 
-The engine thread writes each batch's spend in one transaction right after the batch's decisions,
-before their answers leave: a spend the router has acted on survives a restart and a killed
-process (synchronous=NORMAL: the WAL is in the operating system's cache; only a power loss of the
-host can lose the last transactions). Each replica has its own file: caps and targets hold per
-replica (docs/OPERATIONS.md).
+`--spend-store` names an SQLite file (WAL; the embedded default, one replica) or a PostgreSQL
+server (`postgresql://...`, replicas sharing their tenants' caps). The engine thread writes each
+batch's spend in one transaction right after the batch's decisions, before their answers leave:
+a spend the router has acted on survives a restart and a killed process (SQLite with
+synchronous=NORMAL: the WAL is in the operating system's cache; only a power loss of the host can
+lose the last transactions). With SQLite each replica has its own file and its caps hold per
+replica; with PostgreSQL a batch that decides for a capped tenant first locks the tenant's row for
+the current window and reads what every replica has spent, and its write releases the lock, so a
+cap holds across the replicas (docs/OPERATIONS.md).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
 
+from router.core.feedback_store import shown, without_password
 from router.core.spend_control import ControllerState
+
+Key = tuple[str, int]  # (tenant, window start in Unix seconds)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spend (tenant TEXT NOT NULL, window_start INTEGER NOT NULL, "
@@ -29,12 +40,81 @@ CONTROLLER_COLUMNS = {
 }
 
 
+# Serving writes run on the engine thread, which every call's batch waits for: a store that is
+# locked or unreachable fails the budgeted calls after this, rather than stalling all traffic.
 WRITE_WAIT_S = 0.5
 
+UPSERT_SPEND = (
+    "INSERT INTO spend VALUES ({m}, {m}, {m}, {m}) ON CONFLICT (tenant, window_start) DO UPDATE "
+    "SET spent_usd = spend.spent_usd + excluded.spent_usd, calls = spend.calls + excluded.calls"
+)
+UPSERT_CONTROLLER = (
+    "INSERT INTO controller (tenant, cost_weight, average_usd, reported_usd, predicted_usd) "
+    "VALUES ({m}, {m}, {m}, {m}, {m}) ON CONFLICT (tenant) DO UPDATE SET "
+    "cost_weight = excluded.cost_weight, average_usd = excluded.average_usd, "
+    "reported_usd = excluded.reported_usd, predicted_usd = excluded.predicted_usd"
+)
 
-class SpendStore:
+
+class SpendStoreError(Exception):
+    """The spend store cannot be opened, read or written."""
+
+
+class SpendStore(Protocol):
+    def spend(self) -> dict[Key, float]: ...
+
+    def controllers(self) -> dict[str, ControllerState]: ...
+
+    def hold(self, keys: Iterable[Key]) -> dict[Key, float]:
+        """Locks these windows' rows until the next add() or release(), and returns what every
+        replica has spent in them; {} where the store is not shared."""
+        ...
+
+    def release(self) -> None: ...
+
+    def add(self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]) -> None:
+        """Adds (USD, calls) to each (tenant, window) and sets the controllers' state, in one
+        transaction (the held one, if any, which it ends)."""
+        ...
+
+    def prune(self, before: int) -> int:
+        """Deletes the spend of windows that started before `before` (Unix time); how many rows."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _rows(spend: Mapping[Key, tuple[float, int]]) -> list[tuple[str, int, float, int]]:
+    return [(t, w, usd, n) for (t, w), (usd, n) in spend.items()]
+
+
+def _states(
+    controllers: Mapping[str, ControllerState],
+) -> list[tuple[str, float, float | None, float, float]]:
+    return [
+        (t, c.cost_weight, c.average_usd, c.reported_usd, c.predicted_usd) for t, c in controllers.items()
+    ]
+
+
+def _controller_states(rows: Iterable[tuple[Any, ...]]) -> dict[str, ControllerState]:
+    return {
+        t: ControllerState(float(w), None if a is None else float(a), float(r), float(p))
+        for t, w, a, r, p in rows
+    }
+
+
+CONTROLLER_SELECT = "SELECT tenant, cost_weight, average_usd, reported_usd, predicted_usd FROM controller"
+
+
+class SqliteSpendStore:
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+        try:
+            self._open(Path(path))
+        except (sqlite3.Error, OSError) as exc:
+            raise SpendStoreError(f"{path}: {exc}") from exc
+
+    def _open(self, path: Path) -> None:
+        self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -46,60 +126,200 @@ class SpendStore:
         for column, kind in CONTROLLER_COLUMNS.items():
             if column not in present:
                 self._db.execute(f"ALTER TABLE controller ADD COLUMN {column} {kind}")
-        # Serving writes run on the engine thread, which every call's batch waits for: a store
-        # another process holds locked fails the budgeted calls after this, rather than stalling
-        # all traffic for sqlite's default 5 s per batch.
         self._db.execute(f"PRAGMA busy_timeout = {int(WRITE_WAIT_S * 1000)}")
 
-    def spend(self) -> dict[tuple[str, int], float]:
+    @contextmanager
+    def _guarded(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            rows = self._db.execute("SELECT tenant, window_start, spent_usd FROM spend").fetchall()
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise SpendStoreError(f"{self.path}: {exc}") from exc
+
+    def spend(self) -> dict[Key, float]:
+        with self._guarded() as db:
+            rows = db.execute("SELECT tenant, window_start, spent_usd FROM spend").fetchall()
         return {(t, int(w)): float(s) for t, w, s in rows}
 
     def controllers(self) -> dict[str, ControllerState]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT tenant, cost_weight, average_usd, reported_usd, predicted_usd FROM controller"
-            ).fetchall()
-        return {
-            t: ControllerState(float(w), None if a is None else float(a), float(r), float(p))
-            for t, w, a, r, p in rows
-        }
+        with self._guarded() as db:
+            return _controller_states(db.execute(CONTROLLER_SELECT).fetchall())
 
-    def add(
-        self, spend: Mapping[tuple[str, int], tuple[float, int]], controllers: Mapping[str, ControllerState]
-    ) -> None:
-        """Adds (USD, calls) to each (tenant, window) and sets the controllers' state, in one transaction."""
+    def hold(self, keys: Iterable[Key]) -> dict[Key, float]:
+        return {}  # one replica per file: what it has in memory is all there is
+
+    def release(self) -> None:
+        pass
+
+    def add(self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]) -> None:
         if not spend and not controllers:
             return
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._guarded() as db:
+            db.execute("BEGIN")
             try:
-                self._db.executemany(
-                    "INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT (tenant, window_start) DO UPDATE "
-                    "SET spent_usd = spent_usd + excluded.spent_usd, calls = calls + excluded.calls",
-                    [(t, w, usd, n) for (t, w), (usd, n) in spend.items()],
-                )
-                self._db.executemany(
-                    "INSERT INTO controller (tenant, cost_weight, average_usd, reported_usd, predicted_usd) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant) DO UPDATE SET "
-                    "cost_weight = excluded.cost_weight, average_usd = excluded.average_usd, "
-                    "reported_usd = excluded.reported_usd, predicted_usd = excluded.predicted_usd",
-                    [
-                        (t, c.cost_weight, c.average_usd, c.reported_usd, c.predicted_usd)
-                        for t, c in controllers.items()
-                    ],
-                )
-                self._db.execute("COMMIT")
+                db.executemany(UPSERT_SPEND.format(m="?"), _rows(spend))
+                db.executemany(UPSERT_CONTROLLER.format(m="?"), _states(controllers))
+                db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
 
     def prune(self, before: int) -> int:
-        """Deletes the spend of windows that started before `before` (Unix time); how many rows."""
-        with self._lock:
-            return self._db.execute("DELETE FROM spend WHERE window_start < ?", (before,)).rowcount
+        with self._guarded() as db:
+            return db.execute("DELETE FROM spend WHERE window_start < ?", (before,)).rowcount
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class PostgresSpendStore:
+    """Shared by replicas. One connection, used by the engine thread (and at start and shutdown);
+    a transaction opened by hold() stays open, holding the rows' locks, until add() or release()."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        wait_ms = int(WRITE_WAIT_S * 1000)
+        kwargs = {
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 2,
+            "tcp_user_timeout": 2 * wait_ms,
+            # a lock another replica holds, or a slow server, fails the budgeted calls quickly
+            "options": f"-c statement_timeout={wait_ms} -c lock_timeout={wait_ms}",
+        }
+        self._lock = threading.Lock()
+        self._held: Any = None  # the connection of the open transaction
+        try:
+            # One plain connection first: the pool would only say that it timed out, where this
+            # names the cause (refused, unknown host, wrong password, no such database).
+            psycopg.connect(url, connect_timeout=10).close()
+            self._pool = ConnectionPool(
+                url, min_size=1, max_size=1, open=True, timeout=WRITE_WAIT_S, kwargs=kwargs
+            )
+            self._pool.wait(timeout=10.0)
+            with self._pool.connection() as conn, conn.transaction():
+                # replicas starting together would otherwise race to create the same tables
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('router spend store schema'))")
+                for statement in SCHEMA:
+                    conn.execute(_postgres(statement))
+                present = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT column_name FROM information_schema.columns WHERE table_name = 'controller'"
+                    )
+                }
+                for column, kind in CONTROLLER_COLUMNS.items():
+                    if column not in present:
+                        conn.execute(f"ALTER TABLE controller ADD COLUMN {column} {_postgres(kind)}")
+        except Exception as exc:  # psycopg raises its own types for an unreachable server
+            raise SpendStoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
+
+    @contextmanager
+    def _transaction(self, keep: bool = False) -> Iterator[Any]:
+        """The held transaction's connection, or a new one; committed at the end unless `keep`."""
+        with self._lock:
+            conn = self._held
+            try:
+                if conn is None:
+                    conn = self._pool.getconn()
+                yield conn
+                if not keep:
+                    conn.commit()
+            except Exception as exc:
+                self._held = None
+                if conn is not None:
+                    self._return(conn, rollback=True)
+                if isinstance(exc, SpendStoreError) or not type(exc).__module__.startswith("psycopg"):
+                    raise
+                raise SpendStoreError(f"{shown(self.url)}: {without_password(str(exc), self.url)}") from exc
+            if keep:
+                self._held = conn
+            else:
+                self._held = None
+                self._return(conn)
+
+    def _return(self, conn: Any, rollback: bool = False) -> None:
+        try:
+            if rollback:
+                conn.rollback()
+        except Exception:  # a broken connection: the pool replaces it
+            pass
+        self._pool.putconn(conn)
+
+    def spend(self) -> dict[Key, float]:
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT tenant, window_start, spent_usd FROM spend").fetchall()
+        return {(t, int(w)): float(s) for t, w, s in rows}
+
+    def controllers(self) -> dict[str, ControllerState]:
+        with self._transaction() as conn:
+            return _controller_states(conn.execute(CONTROLLER_SELECT).fetchall())
+
+    def hold(self, keys: Iterable[Key]) -> dict[Key, float]:
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        with self._transaction(keep=True) as conn:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO spend VALUES (%s, %s, 0, 0) ON CONFLICT (tenant, window_start) DO NOTHING",
+                    wanted,
+                )
+            # Locked in one order (the sort comes before the lock), so that two replicas holding
+            # the same tenants never wait on each other in a cycle.
+            rows = conn.execute(
+                "SELECT tenant, window_start, spent_usd FROM spend WHERE (tenant, window_start) IN "
+                "(SELECT * FROM unnest(%s::text[], %s::bigint[])) ORDER BY tenant, window_start FOR UPDATE",
+                ([t for t, _ in wanted], [w for _, w in wanted]),
+            ).fetchall()
+        return {(t, int(w)): float(s) for t, w, s in rows}
+
+    def release(self) -> None:
+        with self._lock:
+            conn, self._held = self._held, None
+            if conn is not None:
+                self._return(conn, rollback=True)
+
+    def add(self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]) -> None:
+        if not spend and not controllers:
+            self.release()
+            return
+        with self._transaction() as conn, conn.cursor() as cur:
+            cur.executemany(UPSERT_SPEND.format(m="%s"), _rows(spend))
+            cur.executemany(UPSERT_CONTROLLER.format(m="%s"), _states(controllers))
+
+    def prune(self, before: int) -> int:
+        with self._transaction() as conn:
+            return int(conn.execute("DELETE FROM spend WHERE window_start < %s", (before,)).rowcount)
+
+    def close(self) -> None:
+        self.release()
+        self._pool.close()
+
+
+def _postgres(ddl: str) -> str:
+    """SQLite's column types as PostgreSQL's: 8-byte floats and integers."""
+    return ddl.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
+
+
+def open_spend_store(location: str) -> SpendStore:
+    """`postgresql://...` (shared by replicas), or an SQLite file: `sqlite:///PATH` or a plain path."""
+    scheme = urlparse(location).scheme
+    if scheme in ("postgresql", "postgres"):
+        return PostgresSpendStore(location)
+    if scheme == "sqlite":
+        path = location[len("sqlite://") :]
+        if not path.strip("/"):
+            raise SpendStoreError(f"{location}: give a file, as sqlite:///path/to/spend.sqlite")
+        return SqliteSpendStore(Path(path))
+    if "://" in location:
+        raise SpendStoreError(
+            f"{shown(location)}: the spend store must be a file, sqlite:///PATH or postgresql://..."
+        )
+    return SqliteSpendStore(Path(location))

@@ -424,7 +424,7 @@ def test_a_spend_store_written_before_controller_state_was_kept_opens_and_prunes
     import sqlite3
 
     from router.core.spend_control import ControllerState
-    from router.serving.spend_store import SpendStore
+    from router.serving.spend_store import SqliteSpendStore as SpendStore
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:  # the layout of the first release

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -149,14 +150,14 @@ def test_user_errors_are_one_line_and_exit_2(small_bundle: Path, tmp_path: Path)
         assert "Traceback" not in result.stderr
 
 
-def test_serve_refuses_a_feedback_store_it_cannot_open_without_showing_its_password(
-    small_bundle: Path,
+def test_serve_refuses_a_feedback_or_spend_store_it_cannot_open_without_showing_its_password(
+    small_bundle: Path, tmp_path: Path
 ) -> None:
     from training.bench import free_port
 
     nobody = f"postgresql://router:s3cret-pw@127.0.0.1:{free_port()}/feedback"
     cases = [
-        ("mysql://router:s3cret-pw@db.example/feedback", "must be sqlite:///PATH or postgresql://"),
+        ("mysql://router:s3cret-pw@db.example/feedback", "sqlite:///PATH or postgresql://"),
         (nobody, "refused"),  # libpq's own words: nothing listens on that port
         # libpq also takes the password from the query string
         (
@@ -164,13 +165,19 @@ def test_serve_refuses_a_feedback_store_it_cannot_open_without_showing_its_passw
             "refused",
         ),
     ]
-    for url, message in cases:
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text("tenants:\n  capped: {limit_usd: 1.0}\n", encoding="utf-8")
+    stores = (
+        ("feedback store", ["--feedback-store"]),
+        ("spend store", ["--budgets", str(budgets), "--spend-store"]),
+    )
+    for (url, message), (store, flags) in itertools.product(cases, stores):
         result = run(
-            "serve", "--bundle", str(small_bundle), "--port", "0", "--metrics-port", "0",
-            "--feedback-store", url, timeout=120,
+            "serve", "--bundle", str(small_bundle), "--port", "0", "--metrics-port", "0", *flags, url,
+            timeout=120,
         )  # fmt: skip
         assert result.returncode == 2, (url, result.stderr)
-        assert "feedback store refused" in result.stderr and message in result.stderr, result.stderr
+        assert f"{store} refused" in result.stderr and message in result.stderr, result.stderr
         assert "s3cret-pw" not in result.stderr and "***" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
 

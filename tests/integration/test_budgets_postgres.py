@@ -1,0 +1,121 @@
+"""Hard caps shared by replicas through a real PostgreSQL spend store: two servers hold one cap
+together under concurrent calls, spend acted on survives SIGKILL, and a row another process holds
+locked fails only the budgeted calls, quickly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from router.v1 import router_pb2
+from tests.helpers import killed_afterwards, router_stub, running_server
+from tests.postgres import Postgres, running_postgres
+
+PROMPTS = [
+    "What is the capital of Australia?",
+    "Prove that there are infinitely many prime numbers.",
+    "Write a Python function that merges two sorted lists in linear time.",
+    "Summarise the causes of the First World War in three sentences.",
+]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    with running_postgres() as server:
+        yield server
+
+
+def _budgets(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "budgets.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _route(stub, prompt: str, tenant: str = "") -> router_pb2.RouteResponse:
+    return stub.Route(router_pb2.RouteRequest(prompt=prompt, tenant=tenant), timeout=30)
+
+
+def _cost(response: router_pb2.RouteResponse) -> float:
+    return next(e.cost_usd for e in response.estimates if e.model == response.model)
+
+
+def _stored(postgres: Postgres, tenant: str) -> tuple[float, int]:
+    with psycopg.connect(postgres.url) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(spent_usd), 0), COALESCE(SUM(calls), 0) FROM spend WHERE tenant = %s",
+            (tenant,),
+        ).fetchone()
+    assert row is not None
+    return float(row[0]), int(row[1])
+
+
+def test_two_replicas_on_one_spend_store_hold_one_cap_together(
+    server, postgres: Postgres, tmp_path: Path
+) -> None:
+    """With a store per replica each would let the tenant spend the whole limit."""
+    with router_stub(server.address) as plain:
+        typical = max(_cost(_route(plain, p)) for p in PROMPTS)
+    limit = 6 * typical
+    budgets = _budgets(tmp_path, f"tenants:\n  shared: {{limit_usd: {limit!r}, on_exhausted: reject}}\n")
+    settings = {"bundle": server.settings.bundle, "budgets": budgets, "spend_store": postgres.url}
+    with (
+        running_server(**settings) as a,
+        running_server(**settings) as b,
+        router_stub(a.address) as stub_a,
+        router_stub(b.address) as stub_b,
+    ):
+
+        def call(i: int) -> tuple[int, float | None]:
+            try:
+                return i % 2, _cost(_route((stub_a, stub_b)[i % 2], PROMPTS[i % len(PROMPTS)], "shared"))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                return i % 2, None
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(call, range(48)))
+        served = [cost for _, cost in results if cost is not None]
+        assert len(served) >= 2 and sum(served) <= limit * (1 + 1e-9)
+        assert {replica for replica, cost in results if cost is not None} == {0, 1}
+        for stub in (stub_a, stub_b):  # each replica refuses now: it sees what the other spent
+            with pytest.raises(grpc.RpcError) as info:
+                _route(stub, PROMPTS[1], "shared")
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    spent, calls = _stored(postgres, "shared")
+    assert calls == len(served) and spent == pytest.approx(sum(served), rel=1e-9)
+
+
+def test_spend_acted_on_survives_sigkill(small_bundle: Path, postgres: Postgres, tmp_path: Path) -> None:
+    budgets = _budgets(tmp_path, "tenants:\n  durable: {limit_usd: 1000.0}\n")
+    with killed_afterwards(small_bundle, "--budgets", str(budgets), "--spend-store", postgres.url) as stub:
+        costs = [_cost(_route(stub, PROMPTS[i % len(PROMPTS)], "durable")) for i in range(25)]
+    spent, calls = _stored(postgres, "durable")
+    assert calls == 25 and spent == pytest.approx(sum(costs), rel=1e-9)
+
+
+def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
+    server, postgres: Postgres, tmp_path: Path
+) -> None:
+    budgets = _budgets(tmp_path, "tenants:\n  locked: {limit_usd: 1000.0}\n")
+    settings = {"bundle": server.settings.bundle, "budgets": budgets, "spend_store": postgres.url}
+    with running_server(**settings) as srv, router_stub(srv.address) as stub:
+        _route(stub, PROMPTS[0], "locked")  # its window's row now exists
+        with psycopg.connect(postgres.url) as holder:
+            holder.execute("SELECT * FROM spend WHERE tenant = 'locked' FOR UPDATE")
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                _route(stub, PROMPTS[1], "locked")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "spend store" in info.value.details() and time.monotonic() - started < 5
+            for prompt in PROMPTS:  # the default tenant locks nothing and waits for nothing
+                assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
+            holder.rollback()
+        assert _route(stub, PROMPTS[3], "locked").model
+    _, calls = _stored(postgres, "locked")
+    assert calls == 2  # the refused call was not decided, so nothing of it is booked
