@@ -43,7 +43,9 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=field.description
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=field.description)
 
