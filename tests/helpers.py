@@ -234,3 +234,16 @@ def send_feedback(stub, decision_id: str, score: float | None, **fields) -> rout
     if score is not None:
         request.score = score
     return stub.Feedback(request, timeout=30)
+
+
+def route_once_the_store_is_retried(stub, request: router_pb2.RouteRequest) -> router_pb2.RouteResponse:
+    """After a spend store failure, budgeted calls fail at once until RETRY_AFTER_S has passed."""
+    from router.serving.ledger import RETRY_AFTER_S
+
+    deadline = time.monotonic() + 10 * RETRY_AFTER_S
+    while True:
+        try:
+            return stub.Route(request, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            time.sleep(0.1)

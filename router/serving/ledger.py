@@ -19,7 +19,9 @@ Spend, for the caps, is the predicted cost of the chosen model, known when the d
 It is written to the spend store after each batch and read back at start-up, with each spend
 controller's state, so that a restart neither resets a cap nor restarts a controller from its
 first guess. A call whose spend cannot be written is not answered (UNAVAILABLE); its predicted
-cost stays booked, so a cap errs on the safe side. The spend target steers by the reported cost
+cost stays booked, so a cap errs on the safe side. For RETRY_AFTER_S after the store fails,
+budgeted calls fail at once. With a store the replicas share, each batch first locks and reads
+its capped tenants' windows (hold), so that what is left counts every replica's spend. The spend target steers by the reported cost
 where outcome feedback brings one (`reported_cost`): its controller scales predictions by what
 callers report against what was predicted. Spend of windows that started more than RETENTION_S
 (or two of the longest configured windows) ago is dropped, from memory and store, at start-up and
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 RETENTION_S = 7 * 86400
 PRUNE_EVERY_S = 3600.0
+# After the spend store fails, budgeted calls fail at once for this long instead of each batch
+# waiting out the store's timeout again, which would hold up every call queued behind it.
+RETRY_AFTER_S = 1.0
 
 
 def window_start(now: float, window_s: float) -> int:
@@ -76,6 +81,8 @@ class Ledger:
         # windows whose shared spend this batch has locked and read (a store shared by replicas)
         self._held: set[Key] = set()
         self._unread: str | None = None  # why this batch could not read the shared spend
+        self._now: float | None = None  # the batch's time, one window for its hold and decisions
+        self._failed_at = -math.inf  # time.monotonic() of the store's last failure
         self._reported = False  # a controller took a reported cost since the last flush
         self._configured: set[str] = set()
         self._warned: set[tuple[str, tuple[str, ...]]] = set()  # allow-lists naming unknown models
@@ -149,7 +156,7 @@ class Ledger:
         what every replica has spent in it. If the store cannot be read, the batch's capped calls
         fail (StoreUnavailable) and the others are decided as usual."""
         with self._lock:
-            now = self.clock()
+            now = self._now = self.clock()
             keys: set[Key] = set()
             for tenant in tenants:
                 budget = self.budget(tenant)
@@ -158,9 +165,13 @@ class Ledger:
             keys -= self._held
             if not keys or self._unread is not None:
                 return
+            if (why := self._failing()) is not None:
+                self._unread = why
+                return
             try:
                 shared = self.store.hold(keys)
             except SpendStoreError as exc:
+                self._failed_at = time.monotonic()
                 self._unread = f"the spend store cannot be read: {exc}"
                 return
             for key, spent in shared.items():
@@ -172,7 +183,7 @@ class Ledger:
         """After a batch: lets go of what hold() locked, if the flush did not write it."""
         with self._lock:
             self._held.clear()
-            self._unread = None
+            self._unread, self._now = None, None
             try:
                 self.store.release()
             except SpendStoreError as exc:  # pragma: no cover - a rollback on a broken connection
@@ -199,7 +210,8 @@ class Ledger:
             if controller is not None and not explicit_weight:
                 prefs = dataclasses.replace(prefs, cost_weight=controller.cost_weight)
             note = ""
-            now = self.clock()  # one window for the check and the booking, even at its boundary
+            # one window for the hold, the check and the booking, even at its boundary
+            now = self._now if self._now is not None else self.clock()
             if budget.limit_usd is not None:
                 prefs, note = self._within_cap(tenant, budget, estimates, row, prefs, now)
             decision, propensity = engine.decide_row(estimates, row, prefs), 1.0
@@ -296,17 +308,21 @@ class Ledger:
         self.metrics.tenant_calls.labels(tenant=tenant).inc()
         self.metrics.tenant_spend.labels(tenant=tenant).inc(cost)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
         """Writes the spend of the decisions since the last flush (engine thread, once per batch).
-        StoreUnavailable if it cannot: the spend stays booked and pending, and is written with the
-        next flush that can."""
+        StoreUnavailable if it cannot, or if the store failed less than RETRY_AFTER_S ago (unless
+        `wait`): the spend stays booked and pending, and is written with the next flush that can."""
         with self._lock:
             if not self._pending and not self._reported:
                 return
-            states = {t: c.state for t, c in self._controllers.items()}
+            if not wait and (why := self._failing()) is not None:
+                raise StoreUnavailable(why)
+            # only what changed: with a shared store every row written is a row locked
+            states = {t: c.state for t, c in self._controllers.items() if self._saved.get(t) != c.state}
             try:
                 self.store.add(self._pending, states)
             except SpendStoreError as exc:  # kept pending, for the next flush
+                self._failed_at = time.monotonic()
                 raise StoreUnavailable(f"the spend store cannot be written: {exc}") from exc
             finally:
                 self._held.clear()  # the write, or its failure, ended the held transaction
@@ -317,12 +333,22 @@ class Ledger:
                 self._spent = {k: v for k, v in self._spent.items() if k[1] >= before}
             self._update_gauges()
 
+    def _failing(self) -> str | None:
+        since = time.monotonic() - self._failed_at
+        if since >= RETRY_AFTER_S:
+            return None
+        return f"the spend store failed {since:.2f} s ago; it is tried again {RETRY_AFTER_S:g} s after"
+
     def _prune_store(self) -> int:
-        """Drops spend too old for any configured window; the oldest window start kept."""
+        """Drops spend too old for any configured window; the oldest window start kept. A prune
+        that fails is logged and tried again an hour later: old windows are only clutter."""
         now = self.clock()
         longest = max((b.window_s for b in self.watch.budgets.tenants.values()), default=0.0)
         before = int(now - max(RETENTION_S, 2 * longest))
-        self.store.prune(before)
+        try:
+            self.store.prune(before)
+        except SpendStoreError as exc:
+            log.error("the spend store's old windows were not deleted: %s", exc)
         self._pruned_at = now
         return before
 
@@ -340,7 +366,7 @@ class Ledger:
     def close(self) -> None:
         """Writes what the last batch left (reported costs arrive after it), then closes the store."""
         try:
-            self.flush()
+            self.flush(wait=True)
         except StoreUnavailable as exc:
             log.error("%s; at shutdown", exc)
         self.store.close()

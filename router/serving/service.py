@@ -165,15 +165,20 @@ class RouterService:
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(id(job.engine), []).append(i)
+        runs = []
         for idx in groups.values():
             engine = jobs[idx[0]].engine
             batch = engine.estimate_timed([jobs[i].prompt for i in idx])
             m.stage_seconds.labels(stage="embed").observe(batch.embed_s)
             m.stage_seconds.labels(stage="heads").observe(batch.heads_s)
+            runs.append((engine, idx, batch))
+        if self.ledger is not None:
+            # once for the whole batch and after the engine runs: what it locks of a shared spend
+            # store is held for the decisions and their write only
+            self.ledger.hold(job.tenant for job in jobs)
+        policy = m.stage_seconds.labels(stage="policy")
+        for engine, idx, batch in runs:
             input_tokens = batch.estimates.input_tokens.tolist()
-            if self.ledger is not None:
-                self.ledger.hold(jobs[i].tenant for i in idx)
-            policy = m.stage_seconds.labels(stage="policy")
             for row, i in enumerate(idx):
                 job = jobs[i]
                 if not waiting(i):

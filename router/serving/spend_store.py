@@ -84,15 +84,18 @@ class SpendStore(Protocol):
     def close(self) -> None: ...
 
 
+# Rows are written in key order: with a shared store, two replicas' writes then lock them in
+# one order and never wait on each other in a cycle.
 def _rows(spend: Mapping[Key, tuple[float, int]]) -> list[tuple[str, int, float, int]]:
-    return [(t, w, usd, n) for (t, w), (usd, n) in spend.items()]
+    return sorted((t, w, usd, n) for (t, w), (usd, n) in spend.items())
 
 
 def _states(
     controllers: Mapping[str, ControllerState],
 ) -> list[tuple[str, float, float | None, float, float]]:
     return [
-        (t, c.cost_weight, c.average_usd, c.reported_usd, c.predicted_usd) for t, c in controllers.items()
+        (t, c.cost_weight, c.average_usd, c.reported_usd, c.predicted_usd)
+        for t, c in sorted(controllers.items())
     ]
 
 
@@ -173,6 +176,10 @@ class SqliteSpendStore:
             self._db.close()
 
 
+# Start-up is not on the serving path: it waits for other replicas' locks and a large table.
+START_UP_WAIT = "SET LOCAL statement_timeout = 30000; SET LOCAL lock_timeout = 30000"
+
+
 class PostgresSpendStore:
     """Shared by replicas. One connection, used by the engine thread (and at start and shutdown);
     a transaction opened by hold() stays open, holding the rows' locks, until add() or release()."""
@@ -204,19 +211,15 @@ class PostgresSpendStore:
             )
             self._pool.wait(timeout=10.0)
             with self._pool.connection() as conn, conn.transaction():
+                conn.execute(START_UP_WAIT)
                 # replicas starting together would otherwise race to create the same tables
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('router spend store schema'))")
                 for statement in SCHEMA:
                     conn.execute(_postgres(statement))
-                present = {
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT column_name FROM information_schema.columns WHERE table_name = 'controller'"
-                    )
-                }
                 for column, kind in CONTROLLER_COLUMNS.items():
-                    if column not in present:
-                        conn.execute(f"ALTER TABLE controller ADD COLUMN {column} {_postgres(kind)}")
+                    conn.execute(
+                        f"ALTER TABLE controller ADD COLUMN IF NOT EXISTS {column} {_postgres(kind)}"
+                    )
         except Exception as exc:  # psycopg raises its own types for an unreachable server
             raise SpendStoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
 
@@ -252,13 +255,16 @@ class PostgresSpendStore:
             pass
         self._pool.putconn(conn)
 
+    # read at start-up only, with start-up's patience
     def spend(self) -> dict[Key, float]:
         with self._transaction() as conn:
+            conn.execute(START_UP_WAIT)
             rows = conn.execute("SELECT tenant, window_start, spent_usd FROM spend").fetchall()
         return {(t, int(w)): float(s) for t, w, s in rows}
 
     def controllers(self) -> dict[str, ControllerState]:
         with self._transaction() as conn:
+            conn.execute(START_UP_WAIT)
             return _controller_states(conn.execute(CONTROLLER_SELECT).fetchall())
 
     def hold(self, keys: Iterable[Key]) -> dict[Key, float]:

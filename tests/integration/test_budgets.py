@@ -12,7 +12,7 @@ import pytest
 
 from router.cli import main
 from router.v1 import router_pb2
-from tests.helpers import Traffic, router_stub, running_server
+from tests.helpers import Traffic, route_once_the_store_is_retried, router_stub, running_server
 
 PROMPTS = [
     "What is the capital of Australia?",
@@ -312,6 +312,9 @@ def test_a_spend_store_that_cannot_be_written_fails_only_the_budgeted_calls(serv
                 _route(stub, PROMPTS[1], "capped")
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "spend store" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:  # just after a failure, the store is not waited on
+                _route(stub, PROMPTS[2], "capped")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "tried again" in info.value.details()
             for prompt in PROMPTS:  # the default tenant books nothing, and does not wait on the store
                 assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
             with grpc.insecure_channel(srv.address) as channel:
@@ -322,7 +325,9 @@ def test_a_spend_store_that_cannot_be_written_fails_only_the_budgeted_calls(serv
         finally:
             holder.execute("ROLLBACK")
             holder.close()
-        assert _route(stub, PROMPTS[3], "capped").model
+        assert route_once_the_store_is_retried(
+            stub, router_pb2.RouteRequest(prompt=PROMPTS[3], tenant="capped")
+        ).model
         assert _route(stub, PROMPTS[2]).model
     with sqlite3.connect(store) as db:
         (calls,) = db.execute("SELECT SUM(calls) FROM spend WHERE tenant = 'capped'").fetchone()

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from router.v1 import router_pb2
-from tests.helpers import killed_afterwards, router_stub, running_server
+from tests.helpers import killed_afterwards, route_once_the_store_is_retried, router_stub, running_server
 from tests.postgres import Postgres, running_postgres
 
 PROMPTS = [
@@ -58,11 +58,19 @@ def _stored(postgres: Postgres, tenant: str) -> tuple[float, int]:
 def test_two_replicas_on_one_spend_store_hold_one_cap_together(
     server, postgres: Postgres, tmp_path: Path
 ) -> None:
-    """With a store per replica each would let the tenant spend the whole limit."""
+    """With a store per replica each would let the tenant spend the whole limit. Calls of a second
+    capped tenant and of a steered one share the batches, so that the replicas' writes lock
+    several rows at once: none of them may fail for waiting on the other replica."""
     with router_stub(server.address) as plain:
         typical = max(_cost(_route(plain, p)) for p in PROMPTS)
     limit = 6 * typical
-    budgets = _budgets(tmp_path, f"tenants:\n  shared: {{limit_usd: {limit!r}, on_exhausted: reject}}\n")
+    budgets = _budgets(
+        tmp_path,
+        "tenants:\n"
+        f"  shared: {{limit_usd: {limit!r}, on_exhausted: reject}}\n"
+        "  roomy: {limit_usd: 1000.0}\n"
+        f"  steered: {{target_usd_per_1k: {500 * typical!r}}}\n",
+    )
     settings = {"bundle": server.settings.bundle, "budgets": budgets, "spend_store": postgres.url}
     with (
         running_server(**settings) as a,
@@ -72,8 +80,11 @@ def test_two_replicas_on_one_spend_store_hold_one_cap_together(
     ):
 
         def call(i: int) -> tuple[int, float | None]:
+            stub = (stub_a, stub_b)[i % 2]
+            for other in ("roomy", "steered"):
+                assert _route(stub, PROMPTS[(i + 1) % len(PROMPTS)], other).model
             try:
-                return i % 2, _cost(_route((stub_a, stub_b)[i % 2], PROMPTS[i % len(PROMPTS)], "shared"))
+                return i % 2, _cost(_route(stub, PROMPTS[i % len(PROMPTS)], "shared"))
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
                 return i % 2, None
@@ -116,6 +127,8 @@ def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
             for prompt in PROMPTS:  # the default tenant locks nothing and waits for nothing
                 assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
             holder.rollback()
-        assert _route(stub, PROMPTS[3], "locked").model
+        assert route_once_the_store_is_retried(
+            stub, router_pb2.RouteRequest(prompt=PROMPTS[3], tenant="locked")
+        ).model
     _, calls = _stored(postgres, "locked")
     assert calls == 2  # the refused call was not decided, so nothing of it is booked
