@@ -21,11 +21,11 @@ controller's state, so that a restart neither resets a cap nor restarts a contro
 first guess. A call whose spend cannot be written is not answered (UNAVAILABLE); its predicted
 cost stays booked, so a cap errs on the safe side. For RETRY_AFTER_S after the store fails,
 budgeted calls fail at once. With a store the replicas share, each batch first locks and reads
-its capped tenants' windows (hold), so that what is left counts every replica's spend. The spend target steers by the reported cost
-where outcome feedback brings one (`reported_cost`): its controller scales predictions by what
-callers report against what was predicted. Spend of windows that started more than RETENTION_S
-(or two of the longest configured windows) ago is dropped, from memory and store, at start-up and
-hourly after.
+its capped tenants' windows (hold), so that what is left counts every replica's spend. The
+spend target steers by the reported cost where outcome feedback brings one (`reported_cost`):
+its controller scales predictions by what callers report against what was predicted. Spend of
+windows that started more than RETENTION_S (or two of the longest configured windows) ago is
+dropped, from memory and store, at start-up and hourly after.
 Tenants the file does not configure are routed as if there were no budgets.
 """
 
