@@ -209,6 +209,31 @@ def test_baked_bundle_overlay_drops_the_volume_and_serves_the_image_bundle() -> 
     assert container["image"].endswith(":0.1.0-default")
 
 
+def test_shared_stores_overlay_mounts_a_valid_budgets_file_and_takes_store_urls_from_a_secret(
+    tmp_path: Path,
+) -> None:
+    from router.serving.budgets import read_budgets
+
+    docs = _render(K8S / "overlays" / "shared-stores")
+    # no hash suffix: an edit updates the mounted file in place, and the replicas reload it
+    config = _one(docs, "ConfigMap", "router-budgets")
+    deployment = _one(docs, "Deployment", "router")
+    container = _container(deployment)
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("ROUTER_BUDGETS", "ROUTER_SPEND_STORE", "ROUTER_FEEDBACK_STORE"):
+        assert name.removeprefix("ROUTER_").lower() in ServeSettings.model_fields, name
+    for name in ("ROUTER_SPEND_STORE", "ROUTER_FEEDBACK_STORE"):  # URLs hold passwords
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "router-stores"
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == config["metadata"]["name"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    budgets = Path(env["ROUTER_BUDGETS"]["value"])
+    assert budgets.parent == Path(mount["mountPath"]) and budgets.name in config["data"]
+    example = tmp_path / budgets.name
+    example.write_text(config["data"][budgets.name], encoding="utf-8")
+    assert read_budgets(example).tenants  # the example is a file the router accepts
+
+
 def test_monitoring_scrapes_the_router_service_once_as_job_router_with_the_shipped_rules(
     base: list[dict[str, Any]],
 ) -> None:
