@@ -172,6 +172,7 @@ class Ledger:
                 shared = self.store.hold(keys)
             except SpendStoreError as exc:
                 self._failed_at = time.monotonic()
+                self.metrics.spend_store_errors.labels(op="read").inc()
                 self._unread = f"the spend store cannot be read: {exc}"
                 return
             for key, spent in shared.items():
@@ -323,6 +324,7 @@ class Ledger:
                 self.store.add(self._pending, states)
             except SpendStoreError as exc:  # kept pending, for the next flush
                 self._failed_at = time.monotonic()
+                self.metrics.spend_store_errors.labels(op="write").inc()
                 raise StoreUnavailable(f"the spend store cannot be written: {exc}") from exc
             finally:
                 self._held.clear()  # the write, or its failure, ended the held transaction
@@ -348,6 +350,7 @@ class Ledger:
         try:
             self.store.prune(before)
         except SpendStoreError as exc:
+            self.metrics.spend_store_errors.labels(op="prune").inc()
             log.error("the spend store's old windows were not deleted: %s", exc)
         self._pruned_at = now
         return before

@@ -38,6 +38,8 @@ STAGES = ("queue", "embed", "heads", "policy")
 FALLBACK_KINDS = ("cheapest", "rejected")
 FEEDBACK_RESULTS = ("recorded", "duplicate", "not_found", "invalid", "overloaded")
 STORE_OPS = ("record", "outcome", "sync", "purge")
+# read: a batch's hold of the spend replicas share; write: a batch's spend; prune: old windows
+SPEND_STORE_OPS = ("read", "write", "prune")
 ROUTER_METHODS = (
     "/router.v1.Router/Route",
     "/router.v1.Router/ListModels",
@@ -164,6 +166,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.spend_store_errors = Counter(
+            "router_spend_store_errors",
+            "Spend store operations that failed, by operation (read, write, prune).",
+            ["op"],
+            registry=r,
+        )
         self.decisions_logged = Counter(
             "router_feedback_decisions_logged",
             "Decisions written to the feedback store.",
@@ -206,6 +214,8 @@ class Metrics:
         for op in STORE_OPS:
             self.feedback_store_seconds.labels(op=op)
             self.feedback_store_errors.labels(op=op)
+        for op in SPEND_STORE_OPS:
+            self.spend_store_errors.labels(op=op)
         # Series exist from the start, so the first call after a restart is already a rate increase.
         for method in ROUTER_METHODS:
             self.requests.labels(method=method, code="OK")

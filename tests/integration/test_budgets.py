@@ -315,6 +315,8 @@ def test_a_spend_store_that_cannot_be_written_fails_only_the_budgeted_calls(serv
             with pytest.raises(grpc.RpcError) as info:  # just after a failure, the store is not waited on
                 _route(stub, PROMPTS[2], "capped")
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "tried again" in info.value.details()
+            errors = srv.server.metrics.registry.get_sample_value
+            assert errors("router_spend_store_errors_total", {"op": "write"}) == 1  # tried once only
             for prompt in PROMPTS:  # the default tenant books nothing, and does not wait on the store
                 assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
             with grpc.insecure_channel(srv.address) as channel:

@@ -124,6 +124,12 @@ def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
                 _route(stub, PROMPTS[1], "locked")
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "spend store" in info.value.details() and time.monotonic() - started < 5
+            assert (
+                srv.server.metrics.registry.get_sample_value(
+                    "router_spend_store_errors_total", {"op": "read"}
+                )
+                == 1
+            )
             for prompt in PROMPTS:  # the default tenant locks nothing and waits for nothing
                 assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
             holder.rollback()
