@@ -178,9 +178,13 @@ class SqlStore:
     def add_outcomes(self, outcomes: Sequence[Outcome]) -> list[bool]:
         """In one transaction (one commit for many callers); per outcome, True if recorded, False if
         its (decision_id, model) already had one (nothing replaced)."""
-        recorded = []
+        recorded = [False] * len(outcomes)
+        # in key order: replicas committing overlapping outcomes (a client retrying on another
+        # replica) then take the rows' locks in one order and never deadlock
+        order = sorted(range(len(outcomes)), key=lambda i: (outcomes[i].decision_id, outcomes[i].model))
         with self.transaction() as cur:
-            for o in outcomes:
+            for i in order:
+                o = outcomes[i]
                 cur.execute(
                     self._q(
                         "INSERT INTO outcomes (decision_id, model, score, input_tokens, output_tokens, "
@@ -196,7 +200,7 @@ class SqlStore:
                         o.received_at,
                     ),
                 )
-                recorded.append(cur.rowcount == 1)
+                recorded[i] = cur.rowcount == 1
         return recorded
 
     def outcomes_since(self, seq: int, limit: int) -> list[LearnedOutcome]:
@@ -235,9 +239,11 @@ class SqlStore:
         with self.transaction() as cur:
             cur.execute(
                 self._q(
+                    # NOT EXISTS, not NOT IN: PostgreSQL plans NOT IN over a large table as a
+                    # nested loop, and the purge then ran past its statement timeout every hour
                     "DELETE FROM outcomes WHERE decision_id IN "
                     "(SELECT id FROM decisions WHERE created_at < ?) "
-                    "OR decision_id NOT IN (SELECT id FROM decisions)"
+                    "OR NOT EXISTS (SELECT 1 FROM decisions d WHERE d.id = outcomes.decision_id)"
                 ),
                 (before,),
             )

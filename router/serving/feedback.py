@@ -184,6 +184,13 @@ class FeedbackService:
             self.metrics.feedback_store_seconds.labels(op="record").observe(time.perf_counter() - started)
             self.metrics.decisions_logged.inc(written)
 
+    def _unwritten(self, ids: set[str]) -> set[str]:
+        """Those of `ids` whose decisions still wait to be written."""
+        if not ids:
+            return set()
+        with self._pending_lock:
+            return {r.id for r in self._pending if r.id in ids}
+
     def _write_each(self, batch: list[DecisionRecord]) -> int:
         """Writes a batch the store refused one decision at a time, setting aside those it refuses
         on their own; how many it wrote. A store error on the way leaves the rest for the caller."""
@@ -254,10 +261,16 @@ class FeedbackService:
         try:
             self.flush()  # decisions still waiting in the queue must be found
             found = self.store.decisions(sorted({q.decision_id for q, _ in batch}))
+            unwritten = self._unwritten({q.decision_id for q, _ in batch} - set(found))
             now = time.time()
             writes: list[tuple[Outcome, Future[tuple[bool, str]], StoredDecision]] = []
             for query, future in batch:
                 decision = found.get(query.decision_id)
+                if query.decision_id in unwritten:  # the flush above failed: retrying will find it
+                    future.set_exception(
+                        StoreUnavailable("its decision is not in the feedback store yet (writes are failing)")
+                    )
+                    continue
                 if decision is None or decision.created_at < now - self.retention_s:
                     self.metrics.feedback_outcomes.labels(result="not_found").inc()
                     what = "unknown" if decision is None else "expired"

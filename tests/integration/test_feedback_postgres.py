@@ -193,3 +193,83 @@ def test_a_store_that_stops_answering_makes_feedback_unavailable_not_hang(
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
         assert waited < 2.5 * WAIT_S
         assert send_feedback(stub, routed.decision_id, 0.5).recorded  # the lock gone, it is taken
+
+
+def test_feedback_for_a_decision_not_yet_written_is_unavailable_then_recorded(
+    small_bundle: Path, postgres: Postgres
+) -> None:
+    """Writes fail while reads work (a full disk, a read-only server after a failover): the
+    decision waits in the queue, so its outcome is UNAVAILABLE (retry), not NOT_FOUND (give up);
+    once writes work again the same outcome is recorded."""
+    with (
+        running_server(bundle=small_bundle, feedback_store=postgres.url) as srv,
+        router_stub(srv.address) as stub,
+        psycopg.connect(postgres.url, autocommit=True) as admin,
+    ):
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION refuse_writes() RETURNS trigger AS "
+            "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$ "
+            "LANGUAGE plpgsql"
+        )
+        admin.execute(
+            "CREATE TRIGGER refuse_writes BEFORE INSERT ON decisions EXECUTE FUNCTION refuse_writes()"
+        )
+        try:
+            routed = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30)
+            with pytest.raises(grpc.RpcError) as info:
+                send_feedback(stub, routed.decision_id, 0.5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert "not in the feedback store yet" in info.value.details()
+        finally:
+            admin.execute("DROP TRIGGER IF EXISTS refuse_writes ON decisions")
+        started = time.monotonic()
+        while True:
+            try:
+                assert send_feedback(stub, routed.decision_id, 0.5).recorded
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 15
+                time.sleep(0.2)
+
+
+def test_replicas_committing_the_same_outcomes_in_opposite_orders_do_not_deadlock(postgres: Postgres) -> None:
+    """A client that retries on another replica: two commits of the same 200 outcomes, one in
+    reverse order. Each outcome is recorded once, and neither commit fails."""
+    import threading
+    import uuid
+
+    import numpy as np
+
+    from router.core.feedback_store import DecisionRecord, Outcome, PostgresStore, StoreError
+
+    a, b = PostgresStore(postgres.url), PostgresStore(postgres.url)
+    ids = [uuid.uuid4().hex for _ in range(200)]
+    features = np.zeros(4, np.float32)
+    a.record([
+        DecisionRecord(i, time.time(), "t", "v", "m1", 0.5, 1.0, ("m1", "m2"), np.zeros(2), np.zeros(2),
+                       np.zeros(2), 3, features, None)
+        for i in ids
+    ])  # fmt: skip
+    results: list[list[bool]] = []
+    errors: list[StoreError] = []
+
+    def commit(store: PostgresStore, order: list[str]) -> None:
+        try:
+            results.append(
+                store.add_outcomes([Outcome(i, "m1", 0.5, None, None, None, time.time()) for i in order])
+            )
+        except StoreError as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=commit, args=(a, ids)),
+        threading.Thread(target=commit, args=(b, ids[::-1])),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    a.close()
+    b.close()
+    assert not errors and len(results) == 2
+    assert sum(map(sum, results)) == len(ids)  # each recorded by exactly one of the commits
