@@ -50,6 +50,18 @@ def tenant_of(name: str) -> str:
 Number = Annotated[float, Strict()]
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1, as PyYAML reads it, takes `5e-3` and `1e9` for strings (a float there needs a
+    dot and a signed exponent); YAML 1.2, and every other reader, takes them for numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 class TenantBudget(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -96,7 +108,7 @@ class BudgetsError(ValueError):
 
 def read_budgets(path: Path) -> BudgetsFile:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise BudgetsError(f"{path}: not readable YAML ({exc})") from exc
     if raw is None:  # an editor that truncates before it writes must not lift every budget

@@ -38,3 +38,19 @@ def test_a_file_without_tenants_is_refused_rather_than_lifting_every_budget(tmp_
             read_budgets(path)
     path.write_text("tenants: {}\n", encoding="utf-8")
     assert read_budgets(path).tenants == {}
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
+    """PyYAML's YAML 1.1 reads `5e-3` as a string; the strict number check then refused a file
+    that earlier releases read as 0.005."""
+    path = tmp_path / "budgets.yaml"
+    path.write_text(
+        "tenants:\n  a: {limit_usd: 5e-3, window_s: 1e3}\n  b: {target_usd_per_1k: 1.8E-1}\n",
+        encoding="utf-8",
+    )
+    budgets = read_budgets(path)
+    assert budgets.tenants["a"].limit_usd == 0.005 and budgets.tenants["a"].window_s == 1000.0
+    assert budgets.tenants["b"].target_usd_per_1k == 0.18
+    path.write_text('tenants:\n  a: {limit_usd: "5e-3"}\n', encoding="utf-8")
+    with pytest.raises(BudgetsError, match="limit_usd"):  # a quoted number is still text
+        read_budgets(path)
