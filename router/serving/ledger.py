@@ -171,9 +171,11 @@ class Ledger:
             try:
                 shared = self.store.hold(keys)
             except SpendStoreError as exc:
-                self._failed_at = time.monotonic()
                 self.metrics.spend_store_errors.labels(op="read").inc()
-                self._unread = f"the spend store cannot be read: {exc}"
+                log.warning("the spend store cannot be read: %s", exc)
+                if not exc.contended:  # a row held too long fails this batch only
+                    self._failed_at = time.monotonic()
+                self._unread = "the spend store cannot be read (the server log says why)"
                 return
             for key, spent in shared.items():
                 # what this replica booked but could not write yet is not in the store
@@ -323,9 +325,12 @@ class Ledger:
             try:
                 self.store.add(self._pending, states)
             except SpendStoreError as exc:  # kept pending, for the next flush
-                self._failed_at = time.monotonic()
                 self.metrics.spend_store_errors.labels(op="write").inc()
-                raise StoreUnavailable(f"the spend store cannot be written: {exc}") from exc
+                log.warning("the spend store cannot be written: %s", exc)
+                if not exc.contended:
+                    self._failed_at = time.monotonic()
+                # the details (a host, a user, a database) are for the operator, not the caller
+                raise StoreUnavailable("the spend store cannot be written (the server log says why)") from exc
             finally:
                 self._held.clear()  # the write, or its failure, ended the held transaction
             self._pending, self._reported = {}, False

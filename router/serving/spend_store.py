@@ -14,9 +14,12 @@ cap holds across the replicas (docs/OPERATIONS.md).
 
 from __future__ import annotations
 
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as NoAnswer
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,7 +60,12 @@ UPSERT_CONTROLLER = (
 
 
 class SpendStoreError(Exception):
-    """The spend store cannot be opened, read or written."""
+    """The spend store cannot be opened, read or written. `contended`: a row another replica
+    holds stayed locked past the wait; the store itself works."""
+
+    def __init__(self, message: str, contended: bool = False) -> None:
+        super().__init__(message)
+        self.contended = contended
 
 
 class SpendStore(Protocol):
@@ -180,9 +188,18 @@ class SqliteSpendStore:
 START_UP_WAIT = "SET LOCAL statement_timeout = 30000; SET LOCAL lock_timeout = 30000"
 
 
+# lock_not_available: lock_timeout ran out on a row another session holds
+LOCK_NOT_AVAILABLE = "55P03"
+# how long a serving-path call waits for the database: statement_timeout and lock_timeout are the
+# server's, and a server that stops answering (paused, or a pooler queueing) honours neither
+ANSWER_WAIT_S = 3 * WRITE_WAIT_S
+START_UP_ANSWER_S = 40.0
+
+
 class PostgresSpendStore:
-    """Shared by replicas. One connection, used by the engine thread (and at start and shutdown);
-    a transaction opened by hold() stays open, holding the rows' locks, until add() or release()."""
+    """Shared by replicas. One connection, used by a thread of its own on behalf of the engine
+    thread, which waits for each answer at most ANSWER_WAIT_S; a transaction opened by hold()
+    stays open, holding the rows' locks, until add() or release()."""
 
     def __init__(self, url: str) -> None:
         import psycopg
@@ -197,11 +214,16 @@ class PostgresSpendStore:
             "keepalives_interval": 2,
             "keepalives_count": 2,
             "tcp_user_timeout": 2 * wait_ms,
-            # a lock another replica holds, or a slow server, fails the budgeted calls quickly
-            "options": f"-c statement_timeout={wait_ms} -c lock_timeout={wait_ms}",
+            # a lock another replica holds, or a slow server, fails the budgeted calls quickly;
+            # the lock's limit comes first, so that a contended row is told apart from a slow server
+            "options": f"-c statement_timeout={2 * wait_ms} -c lock_timeout={wait_ms}",
         }
         self._lock = threading.Lock()
         self._held: Any = None  # the connection of the open transaction
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._unanswered: Future[Any] | None = None  # a call given up on, still with the database
+        # a daemon: a database that never answers must not keep the process from exiting
+        threading.Thread(target=self._work, name="spend-store", daemon=True).start()
         try:
             # One plain connection first: the pool would only say that it timed out, where this
             # names the cause (refused, unknown host, wrong password, no such database).
@@ -210,6 +232,14 @@ class PostgresSpendStore:
                 url, min_size=1, max_size=1, open=True, timeout=WRITE_WAIT_S, kwargs=kwargs
             )
             self._pool.wait(timeout=10.0)
+            self._call(self._create_tables, START_UP_ANSWER_S)
+        except SpendStoreError:
+            raise
+        except Exception as exc:  # psycopg raises its own types for an unreachable server
+            raise SpendStoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
+
+    def _create_tables(self) -> None:
+        try:
             with self._pool.connection() as conn, conn.transaction():
                 conn.execute(START_UP_WAIT)
                 # replicas starting together would otherwise race to create the same tables
@@ -220,8 +250,30 @@ class PostgresSpendStore:
                     conn.execute(
                         f"ALTER TABLE controller ADD COLUMN IF NOT EXISTS {column} {_postgres(kind)}"
                     )
-        except Exception as exc:  # psycopg raises its own types for an unreachable server
-            raise SpendStoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
+        except Exception as exc:
+            raise SpendStoreError(f"{shown(self.url)}: {without_password(str(exc), self.url)}") from exc
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            run, future = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(run())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _call(self, run: Callable[[], Any], wait: float = ANSWER_WAIT_S) -> Any:
+        """`run` on the store's thread; SpendStoreError if no answer comes within `wait`, and at
+        once while an earlier call is still waiting for one."""
+        if self._unanswered is not None and not self._unanswered.done():
+            raise SpendStoreError(f"{shown(self.url)}: the database has not answered an earlier statement")
+        future: Future[Any] = Future()
+        self._jobs.put((run, future))
+        try:
+            return future.result(timeout=wait)
+        except NoAnswer:
+            self._unanswered = future
+            raise SpendStoreError(f"{shown(self.url)}: no answer within {wait:g} s") from None
 
     @contextmanager
     def _transaction(self, keep: bool = False) -> Iterator[Any]:
@@ -240,7 +292,9 @@ class PostgresSpendStore:
                     self._return(conn, rollback=True)
                 if isinstance(exc, SpendStoreError) or not type(exc).__module__.startswith("psycopg"):
                     raise
-                raise SpendStoreError(f"{shown(self.url)}: {without_password(str(exc), self.url)}") from exc
+                contended = getattr(exc, "sqlstate", None) == LOCK_NOT_AVAILABLE
+                message = f"{shown(self.url)}: {without_password(str(exc), self.url)}"
+                raise SpendStoreError(message, contended) from exc
             if keep:
                 self._held = conn
             else:
@@ -257,20 +311,43 @@ class PostgresSpendStore:
 
     # read at start-up only, with start-up's patience
     def spend(self) -> dict[Key, float]:
+        return self._call(self._spend, START_UP_ANSWER_S)  # type: ignore[no-any-return]
+
+    def controllers(self) -> dict[str, ControllerState]:
+        return self._call(self._controllers, START_UP_ANSWER_S)  # type: ignore[no-any-return]
+
+    def hold(self, keys: Iterable[Key]) -> dict[Key, float]:
+        wanted = sorted(set(keys))
+        return self._call(lambda: self._hold(wanted)) if wanted else {}
+
+    def release(self) -> None:
+        # not waited for: the next call queues behind it, and a batch's end must not stall
+        self._jobs.put((self._release, Future()))
+
+    def add(self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]) -> None:
+        self._call(lambda: self._add(dict(spend), dict(controllers)))
+
+    def prune(self, before: int) -> int:
+        return self._call(lambda: self._prune(before))  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        try:
+            self._call(self._close, ANSWER_WAIT_S)
+        finally:
+            self._jobs.put(None)
+
+    def _spend(self) -> dict[Key, float]:
         with self._transaction() as conn:
             conn.execute(START_UP_WAIT)
             rows = conn.execute("SELECT tenant, window_start, spent_usd FROM spend").fetchall()
         return {(t, int(w)): float(s) for t, w, s in rows}
 
-    def controllers(self) -> dict[str, ControllerState]:
+    def _controllers(self) -> dict[str, ControllerState]:
         with self._transaction() as conn:
             conn.execute(START_UP_WAIT)
             return _controller_states(conn.execute(CONTROLLER_SELECT).fetchall())
 
-    def hold(self, keys: Iterable[Key]) -> dict[Key, float]:
-        wanted = sorted(set(keys))
-        if not wanted:
-            return {}
+    def _hold(self, wanted: list[Key]) -> dict[Key, float]:
         with self._transaction(keep=True) as conn:
             with conn.cursor() as cur:
                 cur.executemany(
@@ -286,26 +363,28 @@ class PostgresSpendStore:
             ).fetchall()
         return {(t, int(w)): float(s) for t, w, s in rows}
 
-    def release(self) -> None:
+    def _release(self) -> None:
         with self._lock:
             conn, self._held = self._held, None
             if conn is not None:
                 self._return(conn, rollback=True)
 
-    def add(self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]) -> None:
+    def _add(
+        self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]
+    ) -> None:
         if not spend and not controllers:
-            self.release()
+            self._release()
             return
         with self._transaction() as conn, conn.cursor() as cur:
             cur.executemany(UPSERT_SPEND.format(m="%s"), _rows(spend))
             cur.executemany(UPSERT_CONTROLLER.format(m="%s"), _states(controllers))
 
-    def prune(self, before: int) -> int:
+    def _prune(self, before: int) -> int:
         with self._transaction() as conn:
             return int(conn.execute("DELETE FROM spend WHERE window_start < %s", (before,)).rowcount)
 
-    def close(self) -> None:
-        self.release()
+    def _close(self) -> None:
+        self._release()
         self._pool.close()
 
 

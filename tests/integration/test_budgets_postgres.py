@@ -4,6 +4,9 @@ locked fails only the budgeted calls, quickly."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -113,7 +116,7 @@ def test_spend_acted_on_survives_sigkill(small_bundle: Path, postgres: Postgres,
 def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
     server, postgres: Postgres, tmp_path: Path
 ) -> None:
-    budgets = _budgets(tmp_path, "tenants:\n  locked: {limit_usd: 1000.0}\n")
+    budgets = _budgets(tmp_path, "tenants:\n  locked: {limit_usd: 1000.0}\n  free: {limit_usd: 1000.0}\n")
     settings = {"bundle": server.settings.bundle, "budgets": budgets, "spend_store": postgres.url}
     with running_server(**settings) as srv, router_stub(srv.address) as stub:
         _route(stub, PROMPTS[0], "locked")  # its window's row now exists
@@ -130,6 +133,8 @@ def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
                 )
                 == 1
             )
+            # a contended row is not a failing store: another capped tenant is served at once
+            assert _route(stub, PROMPTS[2], "free").model
             for prompt in PROMPTS:  # the default tenant locks nothing and waits for nothing
                 assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
             holder.rollback()
@@ -138,3 +143,43 @@ def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
         ).model
     _, calls = _stored(postgres, "locked")
     assert calls == 2  # the refused call was not decided, so nothing of it is booked
+
+
+def _cluster_pids(postgres: Postgres) -> list[int]:
+    """The postmaster and every process it started (the backends serving connections)."""
+    postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
+    pids = [postmaster]
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields.get("PPid", "0").strip()) == postmaster:
+                pids.append(int(status.parent.name))
+    return pids
+
+
+def test_a_database_that_stops_answering_fails_the_capped_calls_and_holds_up_nothing_else(
+    server, tmp_path: Path
+) -> None:
+    """A paused server (or a pooler queueing) honours neither statement_timeout nor lock_timeout:
+    the engine thread must not wait on it without end."""
+    budgets = _budgets(tmp_path, "tenants:\n  paused: {limit_usd: 1000.0}\n")
+    with running_postgres() as paused:
+        settings = {"bundle": server.settings.bundle, "budgets": budgets, "spend_store": paused.url}
+        with running_server(**settings) as srv, router_stub(srv.address) as stub:
+            _route(stub, PROMPTS[0], "paused")
+            stopped = _cluster_pids(paused)
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    _route(stub, PROMPTS[1], "paused")
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 10
+                for prompt in PROMPTS:  # the default tenant waits for nothing
+                    assert stub.Route(router_pb2.RouteRequest(prompt=prompt), timeout=2.5).model
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+            assert route_once_the_store_is_retried(
+                stub, router_pb2.RouteRequest(prompt=PROMPTS[2], tenant="paused")
+            )
