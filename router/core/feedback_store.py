@@ -417,7 +417,7 @@ def sqlite_path(url: str) -> Path | None:
     if urlparse(url).scheme != "sqlite":
         return None
     path = url[len("sqlite://") :]
-    if not path.strip("/"):
+    if not url.startswith("sqlite://") or not path.strip("/"):  # sqlite:/x would lose its first letter
         raise StoreError(f"{url}: give a file, as sqlite:///path/to/feedback.sqlite")
     return Path(path)
 

@@ -395,12 +395,14 @@ def _postgres(ddl: str) -> str:
 
 def open_spend_store(location: str) -> SpendStore:
     """`postgresql://...` (shared by replicas), or an SQLite file: `sqlite:///PATH` or a plain path."""
+    if not location.strip():
+        raise SpendStoreError("the spend store is empty: give a file, sqlite:///PATH or postgresql://...")
     scheme = urlparse(location).scheme
     if scheme in ("postgresql", "postgres"):
         return PostgresSpendStore(location)
     if scheme == "sqlite":
         path = location[len("sqlite://") :]
-        if not path.strip("/"):
+        if not location.startswith("sqlite://") or not path.strip("/"):
             raise SpendStoreError(f"{location}: give a file, as sqlite:///path/to/spend.sqlite")
         return SqliteSpendStore(Path(path))
     if "://" in location:
