@@ -80,6 +80,9 @@ def writable_dir(path: Path) -> Path:
 def check_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Path:
     """A directory output of the kind `marker` names, which replacing would lose nothing else."""
     out_dir = Path(out_dir)
+    if out_dir.resolve() == out_dir.resolve().parent or out_dir.name in ("", ".", ".."):
+        # a version is written beside its path and renamed onto it: '.', '..' or '/' has no beside
+        raise OutputError(f"--out {out_dir}: name a directory to write, not {str(out_dir)!r}")
     if out_dir.is_symlink():
         # Replacing the link's target in place would change what a server watching the link serves
         # before the new version is complete; a new version goes beside it and the link is repointed.

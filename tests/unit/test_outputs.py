@@ -44,3 +44,21 @@ def test_a_failed_write_leaves_the_old_output_and_no_staging_behind(tmp_path: Pa
         raise RuntimeError("training failed")
     assert (out / BUNDLE_MARKER).read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_an_output_with_no_name_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out .` from an empty directory passed the checks, and the rename onto '.' failed with
+    a raw OSError once the work was done, leaving its staging directory behind."""
+    from training.errors import OutputError
+    from training.outputs import check_dir
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for name in (".", "..", str(empty / ".."), "/"):
+        with pytest.raises(OutputError, match="name a directory"):
+            check_dir(Path(name), BUNDLE_MARKER)
+    assert check_dir(Path("v2"), BUNDLE_MARKER) == Path("v2")
+    assert not list(tmp_path.rglob("*staging*"))
