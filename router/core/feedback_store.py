@@ -227,7 +227,7 @@ class SqlStore:
         return [
             LearnedOutcome(
                 int(s), d, m, float(score), np.nan if tokens is None else float(tokens),
-                np.frombuffer(bytes(features), dtype="<f4").astype(np.float32), float(received),
+                _features(features), float(received),
             )
             for s, d, m, score, tokens, features, received in rows
         ]  # fmt: skip
@@ -385,6 +385,15 @@ class PostgresStore(SqlStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _features(blob: Any) -> np.ndarray:
+    """A decision's stored features; empty (so never learnt from) where the bytes are not float32s,
+    for one unreadable row must not stop every replica's sync at it."""
+    raw = bytes(blob)
+    if len(raw) % 4:
+        return np.empty(0, dtype=np.float32)
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
 def shown(url: str) -> str:

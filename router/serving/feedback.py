@@ -354,8 +354,8 @@ class FeedbackService:
         usable = [o for o in learned if o.features.size == size]
         if len(usable) < len(learned):
             log.warning(
-                "feedback: %d outcome(s) of decisions made under a bundle with another embedding "
-                "size are not learnt",
+                "feedback: %d outcome(s) of decisions whose stored features are of another size "
+                "(a bundle with another embedder) or unreadable are not learnt",
                 len(learned) - len(usable),
             )
         if not usable:

@@ -102,6 +102,37 @@ def test_an_outcome_moves_the_estimates_within_seconds(small_bundle: Path, tmp_p
         assert srv.server.metrics.online_memory._value.get() == 2
 
 
+def test_an_unreadable_stored_decision_is_skipped_and_the_outcomes_after_it_are_learnt(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    """A features blob that is not float32s (a row written by something else) raised in the sync,
+    which then never moved past it: no replica learnt anything again."""
+    import sqlite3
+
+    path = tmp_path / "feedback.sqlite"
+    with (
+        running_server(bundle=small_bundle, feedback_store=f"sqlite://{path}") as srv,
+        router_stub(srv.address) as stub,
+    ):
+        broken = stub.Route(router_pb2.RouteRequest(prompt="What is 2 + 2?"), timeout=30)
+        good = stub.Route(router_pb2.RouteRequest(prompt=PROMPT), timeout=30)
+        send_feedback(stub, good.decision_id, 0.5)  # the decisions are written by now
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE decisions SET features = X'010203' WHERE id = ?", (broken.decision_id,))
+        assert send_feedback(stub, broken.decision_id, 0.0).recorded
+        assert send_feedback(stub, good.decision_id, 1.0, model=_other(good)).recorded
+        deadline = time.monotonic() + 10
+        while srv.server.metrics.online_memory._value.get() < 2:  # the first and the last outcome
+            assert time.monotonic() < deadline, "the sync stopped at the unreadable decision"
+            time.sleep(0.2)
+        time.sleep(1.5)  # another sync or two: the unreadable one is still not learnt
+        assert srv.server.metrics.online_memory._value.get() == 2
+
+
+def _other(response: router_pb2.RouteResponse) -> str:
+    return next(e.model for e in response.estimates if e.model != response.model)
+
+
 def test_exploration_draws_from_the_eligible_models_and_logs_its_propensity(
     small_bundle: Path, tmp_path: Path
 ) -> None:
