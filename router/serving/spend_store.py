@@ -222,6 +222,9 @@ class PostgresSpendStore:
         self._held: Any = None  # the connection of the open transaction
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._unanswered: Future[Any] | None = None  # a call given up on, still with the database
+        # a hold went to the store's thread since the last release: only then is there one to do
+        # (the ledger releases after every batch, and a hung database must not make a queue grow)
+        self._may_hold = False
         # a daemon: a database that never answers must not keep the process from exiting
         threading.Thread(target=self._work, name="spend-store", daemon=True).start()
         try:
@@ -262,13 +265,14 @@ class PostgresSpendStore:
                 except BaseException as exc:
                     future.set_exception(exc)
 
-    def _call(self, run: Callable[[], Any], wait: float = ANSWER_WAIT_S) -> Any:
+    def _call(self, run: Callable[[], Any], wait: float = ANSWER_WAIT_S, holds: bool = False) -> Any:
         """`run` on the store's thread; SpendStoreError if no answer comes within `wait`, and at
         once while an earlier call is still waiting for one."""
         if self._unanswered is not None and not self._unanswered.done():
             raise SpendStoreError(f"{shown(self.url)}: the database has not answered an earlier statement")
         future: Future[Any] = Future()
         self._jobs.put((run, future))
+        self._may_hold |= holds
         try:
             return future.result(timeout=wait)
         except NoAnswer:
@@ -318,11 +322,13 @@ class PostgresSpendStore:
 
     def hold(self, keys: Iterable[Key]) -> dict[Key, float]:
         wanted = sorted(set(keys))
-        return self._call(lambda: self._hold(wanted)) if wanted else {}
+        return self._call(lambda: self._hold(wanted), holds=True) if wanted else {}
 
     def release(self) -> None:
         # not waited for: the next call queues behind it, and a batch's end must not stall
-        self._jobs.put((self._release, Future()))
+        if self._may_hold:
+            self._may_hold = False
+            self._jobs.put((self._release, Future()))
 
     def add(self, spend: Mapping[Key, tuple[float, int]], controllers: Mapping[str, ControllerState]) -> None:
         self._call(lambda: self._add(dict(spend), dict(controllers)))
