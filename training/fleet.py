@@ -257,7 +257,7 @@ def _holdback(
     columns = _checked_columns(known, trained)
     checkable = known[:, columns].all(axis=1) if columns else np.zeros(len(known), dtype=bool)
     info: dict = {
-        "anchors_checked": int(checkable.sum()) if columns else 0,
+        "anchors_checked": int(checkable.sum()),
         "models_left_out": [m for i, m in enumerate(engine.models) if i not in columns],
     }
     if not columns:

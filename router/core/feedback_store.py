@@ -323,7 +323,7 @@ class SqliteStore(SqlStore):
 
 
 # libpq: a connection whose server stops answering is dropped after about WAIT_S.
-_NO_HANG = {
+NO_HANG = {
     "connect_timeout": int(WAIT_S),
     "keepalives": 1,
     "keepalives_idle": 5,
@@ -358,14 +358,14 @@ class PostgresStore(SqlStore):
                 max_size=4,
                 open=True,
                 timeout=WAIT_S,
-                kwargs=_NO_HANG,
+                kwargs=NO_HANG,
                 configure=_statement_timeout,
             )
             with self.transaction() as cur:
                 for statement in self.schema():
                     cur.execute(statement)
         except Exception as exc:  # psycopg raises its own types for an unreachable server
-            raise StoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
+            raise StoreError(redacted(url, exc)) from exc
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Any]:
@@ -413,7 +413,12 @@ def shown(url: str) -> str:
     return parsed.geturl()
 
 
-def without_password(message: str, url: str) -> str:
+def redacted(url: str, exc: BaseException) -> str:
+    """`url` and what went wrong with it, fit for a message or a log: no password in either."""
+    return f"{shown(url)}: {_without_password(str(exc), url)}"
+
+
+def _without_password(message: str, url: str) -> str:
     parsed = urlparse(url)
     passwords = [parsed.password] + [v for k, v in parse_qsl(parsed.query) if k == "password"]
     for password in filter(None, passwords):
@@ -427,7 +432,7 @@ def sqlite_path(url: str) -> Path | None:
         return None
     path = url[len("sqlite://") :]
     if not url.startswith("sqlite://") or not path.strip("/"):  # sqlite:/x would lose its first letter
-        raise StoreError(f"{url}: give a file, as sqlite:///path/to/feedback.sqlite")
+        raise StoreError(f"{url}: give a file, as sqlite:///path/to/file.sqlite")
     return Path(path)
 
 

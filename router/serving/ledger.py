@@ -78,8 +78,6 @@ class Ledger:
         self._saved = store.controllers()
         self._controllers: dict[str, SpendController] = {}
         self._pending: dict[tuple[str, int], tuple[float, int]] = {}
-        # windows whose shared spend this batch has locked and read (a store shared by replicas)
-        self._held: set[Key] = set()
         self._unread: str | None = None  # why this batch could not read the shared spend
         self._now: float | None = None  # the batch's time, one window for its hold and decisions
         self._failed_at = -math.inf  # time.monotonic() of the store's last failure
@@ -162,8 +160,7 @@ class Ledger:
                 budget = self.budget(tenant)
                 if budget is not None and budget.limit_usd is not None:
                     keys.add((tenant, window_start(now, budget.window_s)))
-            keys -= self._held
-            if not keys or self._unread is not None:
+            if not keys:
                 return
             if (why := self._failing()) is not None:
                 self._unread = why
@@ -180,12 +177,10 @@ class Ledger:
             for key, spent in shared.items():
                 # what this replica booked but could not write yet is not in the store
                 self._spent[key] = spent + self._pending.get(key, (0.0, 0))[0]
-            self._held |= set(shared)
 
     def release(self) -> None:
         """After a batch: lets go of what hold() locked, if the flush did not write it."""
         with self._lock:
-            self._held.clear()
             self._unread, self._now = None, None
             try:
                 self.store.release()
@@ -331,8 +326,6 @@ class Ledger:
                     self._failed_at = time.monotonic()
                 # the details (a host, a user, a database) are for the operator, not the caller
                 raise StoreUnavailable("the spend store cannot be written (the server log says why)") from exc
-            finally:
-                self._held.clear()  # the write, or its failure, ended the held transaction
             self._pending, self._reported = {}, False
             self._saved |= states
             if self.clock() - self._pruned_at >= PRUNE_EVERY_S:

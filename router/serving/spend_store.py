@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from router.core.feedback_store import shown, without_password
+from router.core.feedback_store import NO_HANG, StoreError, redacted, shown, sqlite_path
 from router.core.spend_control import ControllerState
 
 Key = tuple[str, int]  # (tenant, window start in Unix seconds)
@@ -208,11 +208,7 @@ class PostgresSpendStore:
         self.url = url
         wait_ms = int(WRITE_WAIT_S * 1000)
         kwargs = {
-            "connect_timeout": 10,
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 2,
+            **NO_HANG,
             "tcp_user_timeout": 2 * wait_ms,
             # a lock another replica holds, or a slow server, fails the budgeted calls quickly;
             # the lock's limit comes first, so that a contended row is told apart from a slow server
@@ -239,7 +235,7 @@ class PostgresSpendStore:
         except SpendStoreError:
             raise
         except Exception as exc:  # psycopg raises its own types for an unreachable server
-            raise SpendStoreError(f"{shown(url)}: {without_password(str(exc), url)}") from exc
+            raise SpendStoreError(redacted(url, exc)) from exc
 
     def _create_tables(self) -> None:
         try:
@@ -254,7 +250,7 @@ class PostgresSpendStore:
                         f"ALTER TABLE controller ADD COLUMN IF NOT EXISTS {column} {_postgres(kind)}"
                     )
         except Exception as exc:
-            raise SpendStoreError(f"{shown(self.url)}: {without_password(str(exc), self.url)}") from exc
+            raise SpendStoreError(redacted(self.url, exc)) from exc
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -297,8 +293,7 @@ class PostgresSpendStore:
                 if isinstance(exc, SpendStoreError) or not type(exc).__module__.startswith("psycopg"):
                     raise
                 contended = getattr(exc, "sqlstate", None) == LOCK_NOT_AVAILABLE
-                message = f"{shown(self.url)}: {without_password(str(exc), self.url)}"
-                raise SpendStoreError(message, contended) from exc
+                raise SpendStoreError(redacted(self.url, exc), contended) from exc
             if keep:
                 self._held = conn
             else:
@@ -407,10 +402,12 @@ def open_spend_store(location: str) -> SpendStore:
     if scheme in ("postgresql", "postgres"):
         return PostgresSpendStore(location)
     if scheme == "sqlite":
-        path = location[len("sqlite://") :]
-        if not location.startswith("sqlite://") or not path.strip("/"):
-            raise SpendStoreError(f"{location}: give a file, as sqlite:///path/to/spend.sqlite")
-        return SqliteSpendStore(Path(path))
+        try:
+            path = sqlite_path(location)
+        except StoreError as exc:
+            raise SpendStoreError(str(exc)) from exc
+        assert path is not None
+        return SqliteSpendStore(path)
     if "://" in location:
         raise SpendStoreError(
             f"{shown(location)}: the spend store must be a file, sqlite:///PATH or postgresql://..."
