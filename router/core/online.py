@@ -14,8 +14,15 @@ the bundle's neighbour memory extended by the traffic; the constants were chosen
 carved from `train` (docs/BENCHMARKS.md).
 
 Memory: at most `capacity` prompts (about 1.6 kB each for the embedding, plus 16 bytes per model
-reported), the oldest replaced first. Each prompt is computed on its own (one matrix-vector product
-per prompt), so estimates do not depend on the batch, as everywhere else in the engine.
+reported), the oldest replaced first.
+
+A batch is compared with the whole memory in one matrix product, which reads the memory once per
+batch rather than once per prompt. That product's rounding depends on the batch, and estimates must
+not (the same request gets the same decision whatever the load), so it only shortlists: every entry
+within a slack of a prompt's K-th best similarity, four times the most float32 rounding can move
+that comparison, so the shortlist always holds the true K nearest. Those are then scored again one
+prompt at a time in float64, in an order fixed by the entries alone, and the K best of that exact
+score (ties to the lower slot) make the neighbourhood.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ K = 64
 TAU = 0.1
 STRENGTH = 1.0
 DEFAULT_CAPACITY = 50_000
+# Shortlist slack per dimension, in units of |prompt| x |entry|: float32 rounding moves a
+# similarity of d-dimensional vectors by at most d x 6e-8 of that in any summation order, and a
+# shortlist that must hold the true K nearest needs twice that bound; this is four times it.
+SLACK_PER_DIM = 4 * float(np.finfo(np.float32).eps)
 
 
 class OnlineMemory:
@@ -44,6 +55,7 @@ class OnlineMemory:
         self._key_of: list[str | None] = [None] * capacity
         self._size = 0
         self._next = 0  # ring buffer: where the next new prompt goes
+        self._max_norm = 0.0  # of any embedding held, for the shortlist's slack
 
     def __len__(self) -> int:
         """Outcomes held (a prompt with outcomes of three models counts three)."""
@@ -80,6 +92,7 @@ class OnlineMemory:
                         del self._row_of[old]
                     self._row_of[key], self._key_of[row] = row, key
                     self._emb[row] = np.asarray(emb[: self.dim], dtype=np.float32)
+                    self._max_norm = max(self._max_norm, float(np.linalg.norm(self._emb[row])))
                     self._score[row] = np.nan
                     self._tokens[row] = np.nan
                     self._next = (self._next + 1) % self.capacity
@@ -96,22 +109,45 @@ class OnlineMemory:
             n = self._size
             if n == 0:
                 return quality, output_tokens
-            emb, score, tokens = self._emb[:n], self._score[:n], self._tokens[:n]
-            columns = {j: self._columns[m] for j, m in enumerate(models) if m in self._columns}
+            emb = self._emb[:n]
+            prompts = np.ascontiguousarray(embeddings[:, : self.dim], dtype=np.float32)
+            targets = [j for j, m in enumerate(models) if m in self._columns]
+            columns = np.array([self._columns[models[j]] for j in targets], dtype=np.intp)
+            shortlists = self._shortlists(emb, prompts)
             quality, output_tokens = quality.copy(), output_tokens.copy()
-            for row in range(len(quality)):
-                sims = emb @ np.asarray(embeddings[row, : self.dim], dtype=np.float32)  # this prompt alone
-                near = np.arange(n) if n <= K else np.argpartition(-sims, K - 1)[:K]
-                weight = np.exp((sims[near].astype(np.float64) - 1.0) / TAU)
-                for j, c in columns.items():
-                    quality[row, j] = _pull(weight, score[near, c], quality[row, j])
-                    output_tokens[row, j] = _pull(weight, tokens[near, c], output_tokens[row, j])
+            for row, shortlist in enumerate(shortlists):
+                near, sims = _nearest(emb, shortlist, prompts[row])
+                weight = np.exp((sims - 1.0) / TAU)
+                cells = np.ix_(near, columns)
+                quality[row, targets] = _pull(weight, self._score[cells], quality[row, targets])
+                output_tokens[row, targets] = _pull(weight, self._tokens[cells], output_tokens[row, targets])
         return quality, output_tokens
 
+    def _shortlists(self, emb: np.ndarray, prompts: np.ndarray) -> list[np.ndarray]:
+        """Per prompt, the entries that may be among its K nearest (all of them while K or fewer)."""
+        n = len(emb)
+        if n <= K:
+            return [np.arange(n)] * len(prompts)
+        approx = prompts @ emb.T  # one product for the batch; its rounding depends on the batch
+        kth = np.partition(approx, n - K, axis=1)[:, n - K]
+        slack = SLACK_PER_DIM * self.dim * np.linalg.norm(prompts, axis=1) * self._max_norm
+        return [np.flatnonzero(approx[row] >= kth[row] - slack[row]) for row in range(len(prompts))]
 
-def _pull(weight: np.ndarray, values: np.ndarray, prior: float) -> float:
+
+def _nearest(emb: np.ndarray, shortlist: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The K entries of the shortlist most similar to the prompt, in slot order, and their
+    similarities, computed from this prompt and these entries alone."""
+    exact = (emb[shortlist].astype(np.float64) * prompt.astype(np.float64)).sum(axis=1)
+    if len(shortlist) > K:
+        keep = np.lexsort((shortlist, -exact))[:K]  # most similar first, ties to the lower slot
+        keep.sort()
+        shortlist, exact = shortlist[keep], exact[keep]
+    return shortlist, exact
+
+
+def _pull(weight: np.ndarray, values: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Per model, the prior pulled towards the neighbours' known values (neighbours x models)."""
     known = ~np.isnan(values)
-    if not known.any():
-        return prior
-    w = weight[known]
-    return float((w @ values[known] + STRENGTH * prior) / (w.sum() + STRENGTH))
+    w = np.where(known, weight[:, None], 0.0)
+    pulled = ((w * np.where(known, values, 0.0)).sum(axis=0) + STRENGTH * prior) / (w.sum(axis=0) + STRENGTH)
+    return np.where(known.any(axis=0), pulled, prior)
