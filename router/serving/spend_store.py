@@ -196,6 +196,15 @@ ANSWER_WAIT_S = 3 * WRITE_WAIT_S
 START_UP_ANSWER_S = 40.0
 
 
+def with_session_options(url: str, ours: str) -> str:
+    """The URL's own `options` (a search_path, say) followed by ours: a connection's keyword
+    replaces the URL's, and a later `-c` wins over an earlier one, so ours hold and theirs stay."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    theirs = str(conninfo_to_dict(url).get("options") or "")
+    return f"{theirs} {ours}".strip()
+
+
 class PostgresSpendStore:
     """Shared by replicas. One connection, used by a thread of its own on behalf of the engine
     thread, which waits for each answer at most ANSWER_WAIT_S; a transaction opened by hold()
@@ -212,7 +221,9 @@ class PostgresSpendStore:
             "tcp_user_timeout": 2 * wait_ms,
             # a lock another replica holds, or a slow server, fails the budgeted calls quickly;
             # the lock's limit comes first, so that a contended row is told apart from a slow server
-            "options": f"-c statement_timeout={2 * wait_ms} -c lock_timeout={wait_ms}",
+            "options": with_session_options(
+                url, f"-c statement_timeout={2 * wait_ms} -c lock_timeout={wait_ms}"
+            ),
         }
         self._lock = threading.Lock()
         self._held: Any = None  # the connection of the open transaction

@@ -16,6 +16,7 @@ import grpc
 import psycopg
 import pytest
 
+from router.serving.spend_store import open_spend_store, with_session_options
 from router.v1 import router_pb2
 from tests.helpers import killed_afterwards, route_once_the_store_is_retried, router_stub, running_server
 from tests.postgres import Postgres, running_postgres
@@ -111,6 +112,26 @@ def test_spend_acted_on_survives_sigkill(small_bundle: Path, postgres: Postgres,
         costs = [_cost(_route(stub, PROMPTS[i % len(PROMPTS)], "durable")) for i in range(25)]
     spent, calls = _stored(postgres, "durable")
     assert calls == 25 and spent == pytest.approx(sum(costs), rel=1e-9)
+
+
+def test_a_spend_store_url_keeps_its_own_session_options(postgres: Postgres) -> None:
+    # a search_path in the URL's options used to be replaced by the store's timeouts
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS budgets")
+    url = f"{postgres.url}?options=-c%20search_path%3Dbudgets"
+    assert with_session_options(url, "-c lock_timeout=500") == "-c search_path=budgets -c lock_timeout=500"
+    store = open_spend_store(url)
+    try:
+        with psycopg.connect(postgres.url) as conn:
+            tables = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'budgets'"
+                )
+            }
+        assert "spend" in tables
+    finally:
+        store.close()
 
 
 def test_a_window_another_process_holds_locked_fails_only_the_budgeted_calls(
