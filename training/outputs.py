@@ -6,7 +6,10 @@ is how a bundle is retrained in place, but only an output of the same kind is ev
 directory that is neither empty nor holds the kind's marker file, or one that holds a command's
 own input, is refused rather than deleted. The staging directory and the place the old output is
 moved aside to get names of their own (hidden, unique), so nothing the command did not make is
-ever removed. Checks create nothing: missing parent directories are made when the output is written.
+ever removed. Those names carry the host and process that made them, so that the next run beside
+the same output removes what a killed run (SIGKILL) left behind, and nothing a live process or
+another host is still writing. Checks create nothing: missing parent directories are made when the
+output is written.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,13 +105,41 @@ def check_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Path:
     return out_dir
 
 
+def _owner_tag() -> str:
+    """Who makes a staging directory: this host and process, so that a later run can tell one
+    left by a killed run from one still being written (on this host; others' are left alone)."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Removes the staging and moved-aside directories that runs killed on this host (SIGKILL, or a
+    SIGTERM with no handler) left beside `out_dir`; a live process's, or another host's, stay."""
+    host = _owner_tag().rsplit("-", 1)[0]
+    for role in ("staging", "replaced"):
+        for path in out_dir.parent.glob(f".{out_dir.name}.{role}-{host}-*-*"):
+            pid = path.name.rsplit("-", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def _unique_dir(out_dir: Path, role: str) -> Path:
     """A new hidden directory beside `out_dir`, with the mode a plain mkdir gives it.
 
     Not tempfile.mkdtemp: its 0700 would become the output's own mode once renamed into place,
     and a server running as another user (the container's) could no longer read the bundle."""
     while True:
-        path = out_dir.parent / f".{out_dir.name}.{role}-{secrets.token_hex(4)}"
+        path = out_dir.parent / f".{out_dir.name}.{role}-{_owner_tag()}-{secrets.token_hex(4)}"
         try:
             path.mkdir()
         except FileExistsError:
@@ -121,6 +153,7 @@ def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Ite
     `out_dir`'s place. An error removes it and leaves `out_dir` as it was."""
     out_dir = check_dir(out_dir, marker, inputs)
     make_parent(out_dir)
+    _remove_abandoned(out_dir)
     staging = _unique_dir(out_dir, "staging")
     try:
         yield staging

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +65,38 @@ def test_an_output_with_no_name_is_refused_before_any_work(
             check_dir(Path(name), BUNDLE_MARKER)
     assert check_dir(Path("v2"), BUNDLE_MARKER) == Path("v2")
     assert not list(tmp_path.rglob("*staging*"))
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from training.outputs import BUNDLE_MARKER, replaced_dir
+with replaced_dir(Path(sys.argv[1]), BUNDLE_MARKER) as staging:
+    (staging / "half-written").write_text("x")
+    print(staging, flush=True)
+    time.sleep(60)
+"""
+
+
+def _writer(out: Path) -> tuple[subprocess.Popen[str], Path]:
+    process = subprocess.Popen([sys.executable, "-c", _WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process, Path(process.stdout.readline().strip())
+
+
+def test_a_killed_runs_staging_is_removed_by_the_next_run_and_a_live_ones_is_not(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    killed, abandoned = _writer(out)
+    live, in_progress = _writer(out)
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert abandoned.is_dir() and in_progress.is_dir()
+        with replaced_dir(out, BUNDLE_MARKER) as staging:
+            (staging / BUNDLE_MARKER).write_text("{}")
+        assert not abandoned.exists()  # its process is gone: nobody will finish it
+        assert in_progress.is_dir()  # its process may still rename it into place
+        assert (out / BUNDLE_MARKER).read_text() == "{}"
+    finally:
+        live.kill()
+        live.wait(timeout=30)
