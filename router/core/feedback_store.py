@@ -93,7 +93,6 @@ class LearnedOutcome:
     score: float
     output_tokens: float  # NaN where not reported
     features: np.ndarray
-    received_at: float
 
 
 @dataclass(frozen=True)
@@ -218,8 +217,8 @@ class SqlStore:
         with self.transaction(write=False) as cur:
             cur.execute(
                 self._q(
-                    "SELECT o.seq, o.decision_id, o.model, o.score, o.output_tokens, d.features, "
-                    f"o.received_at FROM outcomes o JOIN decisions d ON d.id = o.decision_id WHERE {where}"
+                    "SELECT o.seq, o.decision_id, o.model, o.score, o.output_tokens, d.features "
+                    f"FROM outcomes o JOIN decisions d ON d.id = o.decision_id WHERE {where}"
                 ),
                 tuple(params),
             )
@@ -227,9 +226,9 @@ class SqlStore:
         return [
             LearnedOutcome(
                 int(s), d, m, float(score), np.nan if tokens is None else float(tokens),
-                _features(features), float(received),
+                _features(features),
             )
-            for s, d, m, score, tokens, features, received in rows
+            for s, d, m, score, tokens, features in rows
         ]  # fmt: skip
 
     def purge(self, before: float) -> int:

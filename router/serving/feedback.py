@@ -6,6 +6,13 @@ acknowledged, and the online memory kept in step with the store.
   and then drops the oldest decisions (counted): feedback for those gets NOT_FOUND. A decision the
   store refuses outright (a prompt with a NUL character kept on PostgreSQL) is set aside (counted
   the same way), so that it does not hold up the decisions behind it.
+- Feedback for a decision the store does not hold (yet) may reach another replica than the one
+  that made it, before that one's writer has stored it. Decision ids are UUIDv7s
+  (router/core/decision_ids.py), which carry the time they were made: a decision not found whose
+  id was made within RECENT_S of now is UNAVAILABLE (retry: it will be there), any other is
+  NOT_FOUND. A decision this replica dropped or set aside (the latest MAX_PENDING of them) is
+  NOT_FOUND here at once; other replicas cannot know it and answer UNAVAILABLE until its id is
+  RECENT_S old.
 - An outcome is written and committed before its Feedback call is answered; outcomes reported at
   the same time share one commit (a committer thread), so a store that syncs every commit to disk
   still takes thousands of outcomes a second. Repeats of a (decision, model) pair replace nothing
@@ -16,8 +23,14 @@ acknowledged, and the online memory kept in step with the store.
   engine consults: an outcome moves the estimates within seconds, on every replica. An outcome's
   sequence number is taken when it is inserted, so on PostgreSQL another replica's transaction can
   commit after one with a later number that a sync has already passed: a number the sync skipped
-  is looked for again for GAP_WAIT_S (a duplicate or a rolled-back write leaves one that never
-  comes). Outcomes of decisions made under a bundle with another embedding size are not learnt.
+  is looked for again for GAP_WAIT_S from when this replica's sync first passed it, by this
+  replica's own monotonic clock (replicas' clocks may disagree, so the time another one wrote in
+  the store is never compared with this one's), the newest MAX_GAPS numbers at most (a duplicate
+  or a rolled-back write leaves one that never comes). The first sync, at start, reads the whole
+  history, so every number skipped in it (rolled back, duplicates, purged outcomes) is looked for
+  during the first GAP_WAIT_S too: at most MAX_GAPS of them, MAX_GAPS / 1,000 small queries per
+  sync for that time, which the bound keeps cheap.
+  Outcomes of decisions made under a bundle with another embedding size are not learnt.
 - A newly recorded outcome of the chosen model with a `cost_usd` goes to the budgets ledger, whose
   spend controller for the decision's tenant then steers by reported rather than predicted cost
   (on the replica that received it).
@@ -37,6 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from router.core.decision_ids import minted_at
 from router.core.errors import InvalidRequest, NotFound, Overloaded, StoreUnavailable
 from router.core.features import EXTRA_FEATURES
 from router.core.feedback_store import (
@@ -64,10 +78,23 @@ COMMIT_BATCH = 256
 # slow or stalled store bounds what waits in memory instead of queueing every retry.
 MAX_QUEUED_OUTCOMES = 16 * COMMIT_BATCH
 PURGE_S = 3600.0
-# How long a skipped sequence number is looked for, counted from the receipt of the outcome after
+# How long a skipped sequence number is looked for, counted from when this replica's sync passed
 # it: the write that took it was in progress then, and writes last milliseconds.
 GAP_WAIT_S = 30.0
 MAX_GAPS = 20_000
+# How long after its id was made a decision not in the store is taken for one on its way there
+# (UNAVAILABLE, retry) rather than unknown (NOT_FOUND), either side of now. Its replica writes it
+# within FLUSH_S plus a write, well under a second, and clocks kept by NTP agree within
+# milliseconds; 30 s leaves room for a store that is slow for a while and for a clock that is off,
+# and still bounds how long a client retries an id that will never be stored (its replica dropped
+# the decision or crashed before writing it) before it is told NOT_FOUND.
+RECENT_S = 30.0
+
+
+def _made_lately(decision_id: str, now: float) -> bool:
+    """Whether `decision_id` is a UUIDv7 made within RECENT_S of `now`, by any replica's clock."""
+    made = minted_at(decision_id)
+    return made is not None and abs(now - made) <= RECENT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +144,14 @@ class FeedbackService:
         self.memory = memory
         self.retention_s = retention_s
         self._pending: collections.deque[DecisionRecord] = collections.deque()
+        # Ids of decisions this replica dropped or the store refused, the newest MAX_PENDING (under
+        # _pending_lock): their ids are recent, yet they will never be stored, so NOT_FOUND here.
+        self._dropped: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._cursor = 0
-        self._gaps: dict[int, float] = {}  # skipped sequence number -> receipt of the outcome after it
+        # skipped sequence number -> when this replica's sync passed it (time.monotonic)
+        self._gaps: dict[int, float] = {}
         self._stop = threading.Event()
         self._reports: queue.Queue[tuple[FeedbackQuery, Future[tuple[bool, str]]]] = queue.Queue(
             MAX_QUEUED_OUTCOMES
@@ -154,8 +185,7 @@ class FeedbackService:
             else:
                 self._pending.extend(records)
             dropped = len(self._pending) - MAX_PENDING
-            for _ in range(max(dropped, 0)):
-                self._pending.popleft()
+            self._forget([self._pending.popleft().id for _ in range(max(dropped, 0))])
         if dropped > 0:
             self.metrics.feedback_dropped.inc(dropped)
 
@@ -184,12 +214,20 @@ class FeedbackService:
             self.metrics.feedback_store_seconds.labels(op="record").observe(time.perf_counter() - started)
             self.metrics.decisions_logged.inc(written)
 
-    def _unwritten(self, ids: set[str]) -> set[str]:
-        """Those of `ids` whose decisions still wait to be written."""
+    def _forget(self, ids: list[str]) -> None:
+        """Notes decisions that will never be stored (called with _pending_lock held)."""
+        for decision_id in ids:
+            self._dropped[decision_id] = None
+        while len(self._dropped) > MAX_PENDING:
+            self._dropped.popitem(last=False)
+
+    def _unwritten(self, ids: set[str]) -> tuple[set[str], set[str]]:
+        """Those of `ids` whose decisions still wait to be written, and those this replica
+        dropped or the store refused."""
         if not ids:
-            return set()
+            return set(), set()
         with self._pending_lock:
-            return {r.id for r in self._pending if r.id in ids}
+            return {r.id for r in self._pending if r.id in ids}, {i for i in ids if i in self._dropped}
 
     def _write_each(self, batch: list[DecisionRecord]) -> int:
         """Writes a batch the store refused one decision at a time, setting aside those it refuses
@@ -200,6 +238,8 @@ class FeedbackService:
                 self.store.record([decision])
                 written += 1
             except StoreRejected as exc:
+                with self._pending_lock:
+                    self._forget([decision.id])
                 self.metrics.feedback_dropped.inc()
                 log.warning("feedback store refused decision %s, which is not kept: %s", decision.id, exc)
             except StoreError:
@@ -261,14 +301,28 @@ class FeedbackService:
         try:
             self.flush()  # decisions still waiting in the queue must be found
             found = self.store.decisions(sorted({q.decision_id for q, _ in batch}))
-            unwritten = self._unwritten({q.decision_id for q, _ in batch} - set(found))
+            unwritten, dropped = self._unwritten({q.decision_id for q, _ in batch} - set(found))
             now = time.time()
             writes: list[tuple[Outcome, Future[tuple[bool, str]], StoredDecision]] = []
             for query, future in batch:
                 decision = found.get(query.decision_id)
                 if query.decision_id in unwritten:  # the flush above failed: retrying will find it
+                    self.metrics.feedback_outcomes.labels(result="not_yet").inc()
                     future.set_exception(
                         StoreUnavailable("its decision is not in the feedback store yet (writes are failing)")
+                    )
+                    continue
+                if (
+                    decision is None
+                    and query.decision_id not in dropped
+                    and _made_lately(query.decision_id, now)
+                ):  # most likely another replica's decision, which its writer has yet to store
+                    self.metrics.feedback_outcomes.labels(result="not_yet").inc()
+                    future.set_exception(
+                        StoreUnavailable(
+                            "its decision is not in the feedback store yet (made moments ago, perhaps "
+                            "by another replica that has yet to write it); retry"
+                        )
                     )
                     continue
                 if decision is None or decision.created_at < now - self.retention_s:
@@ -333,19 +387,33 @@ class FeedbackService:
         except StoreError as exc:
             self.metrics.feedback_store_errors.labels(op="sync").inc()
             log.warning("feedback store: cannot read new outcomes: %s", exc)
-        cutoff = time.time() - GAP_WAIT_S
-        newest = sorted(s for s, seen in self._gaps.items() if seen >= cutoff)[-MAX_GAPS:]
-        self._gaps = {s: self._gaps[s] for s in newest}
+        cutoff = time.monotonic() - GAP_WAIT_S
+        self._gaps = {s: noticed for s, noticed in self._gaps.items() if noticed >= cutoff}
 
     def _note_gaps(self, learned: list[LearnedOutcome]) -> None:
-        cutoff = time.time() - GAP_WAIT_S
+        """Notes the numbers `learned` skips past the cursor, timed by this replica's own clock:
+        the outcomes' received_at was written by whichever replica received them, and a clock that
+        is off would make a number look too old to look for (or keep one looked for)."""
+        noticed = time.monotonic()
+        skipped: list[range] = []
         previous = self._cursor
         for outcome in learned:
-            # numbers before an old outcome belong to writes long finished (or purged)
-            if outcome.seq > previous + 1 and outcome.received_at >= cutoff:
-                for seq in range(max(previous + 1, outcome.seq - MAX_GAPS), outcome.seq):
-                    self._gaps[seq] = outcome.received_at
+            if outcome.seq > previous + 1:
+                skipped.append(range(previous + 1, outcome.seq))
             previous = outcome.seq
+        # The newest MAX_GAPS only, without listing the rest first: a history with large holes
+        # (purged outcomes) read at start would otherwise fill the memory with numbers.
+        newest: list[int] = []
+        for numbers in reversed(skipped):
+            room = MAX_GAPS - len(newest)
+            if room <= 0:
+                break
+            newest.extend(reversed(numbers[-room:]))
+        for seq in reversed(newest):
+            self._gaps[seq] = noticed
+        # every number noted is past the cursor, so the dict is in ascending order: keep its tail
+        if len(self._gaps) > MAX_GAPS:
+            self._gaps = dict(list(self._gaps.items())[-MAX_GAPS:])
 
     def _learn(self, learned: list[LearnedOutcome]) -> None:
         for outcome in learned:

@@ -36,7 +36,9 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("queue", "embed", "heads", "policy")
 FALLBACK_KINDS = ("cheapest", "rejected")
-FEEDBACK_RESULTS = ("recorded", "duplicate", "not_found", "invalid", "overloaded")
+# not_yet: the decision is not in the store yet (UNAVAILABLE, retry): made moments ago, perhaps by
+# another replica, or waiting in this one's queue while the store's writes fail
+FEEDBACK_RESULTS = ("recorded", "duplicate", "not_found", "not_yet", "invalid", "overloaded")
 STORE_OPS = ("record", "outcome", "sync", "purge")
 # read: a batch's hold of the spend replicas share; write: a batch's spend; prune: old windows
 SPEND_STORE_OPS = ("read", "write", "prune")
@@ -185,7 +187,7 @@ class Metrics:
         )
         self.feedback_outcomes = Counter(
             "router_feedback_outcomes",
-            "Feedback calls by result (recorded, duplicate, not_found, invalid, overloaded).",
+            "Feedback calls by result (recorded, duplicate, not_found, not_yet, invalid, overloaded).",
             ["result"],
             registry=r,
         )

@@ -11,11 +11,11 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from router.core.decision_ids import new_decision_id
 from router.core.engine import Engine, Estimated, Estimates
 from router.core.errors import (
     DeadlineExceeded,
@@ -196,7 +196,7 @@ class RouterService:
                     continue
                 finally:
                     policy.observe(time.perf_counter() - deciding)
-                decision_id = uuid.uuid4().hex
+                decision_id = new_decision_id()
                 results[i] = RouteResult(decision, engine.version, int(input_tokens[row]), decision_id)
                 m.record_decision(decision.model, decision.chosen.estimate.cost_usd)
                 if self.feedback is not None:

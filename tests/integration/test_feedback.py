@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from router.core.decision_ids import minted_at, new_decision_id
 from router.v1 import router_pb2
 from tests.helpers import killed_afterwards, router_stub, running_server, send_feedback
 
@@ -34,6 +35,7 @@ def test_feedback_is_recorded_once_and_bad_feedback_is_refused(small_bundle: Pat
         routed = [stub.Route(router_pb2.RouteRequest(prompt=p), timeout=30) for p in [PROMPT, *OTHERS]]
         ids = [r.decision_id for r in routed]
         assert len(set(ids)) == len(ids) and all(len(i) == 32 for i in ids)
+        assert all(abs(time.time() - (minted_at(i) or 0)) < 60 for i in ids)  # UUIDv7s, made now
         first = send_feedback(stub, ids[0], 0.9, output_tokens=120, cost_usd=0.0004)
         assert first.recorded and routed[0].model in first.message
         again = send_feedback(stub, ids[0], 0.1)
@@ -42,6 +44,9 @@ def test_feedback_is_recorded_once_and_bad_feedback_is_refused(small_bundle: Pat
         assert send_feedback(stub, ids[0], 0.2, model=other_model).recorded
         cases = [
             (lambda: send_feedback(stub, "f" * 32, 0.5), grpc.StatusCode.NOT_FOUND),
+            # made moments ago, perhaps by a replica that has yet to write it: retry
+            (lambda: send_feedback(stub, new_decision_id(), 0.5), grpc.StatusCode.UNAVAILABLE),
+            (lambda: send_feedback(stub, new_decision_id(10**12), 0.5), grpc.StatusCode.NOT_FOUND),
             (lambda: send_feedback(stub, ids[1], 1.5), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: send_feedback(stub, ids[1], None), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: send_feedback(stub, ids[1], 0.5, model="gpt-9"), grpc.StatusCode.INVALID_ARGUMENT),
