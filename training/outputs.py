@@ -18,7 +18,7 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,9 +162,24 @@ def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Ite
         raise
     if out_dir.exists():  # moved aside whole, so that a failure leaves it whole
         aside = _unique_dir(out_dir, "replaced")
-        replaced = aside / out_dir.name
-        out_dir.rename(replaced)
+        # onto the empty directory that reserved the name, in the same parent: moving a directory
+        # to another parent rewrites its "..", which a read-only output refuses to anyone but root
+        out_dir.rename(aside)
         staging.rename(out_dir)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_tree(aside)
     else:
         staging.rename(out_dir)
+
+
+def _remove_tree(path: Path) -> None:
+    """Removes what a replaced output left, read-only directories included (its owner may make
+    them writable; what cannot be removed is left, for the new output is in place already)."""
+
+    def writable_then_retry(function: Callable[..., object], name: str, _: object) -> None:
+        try:
+            os.chmod(os.path.dirname(name), 0o700)
+            function(name)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=writable_then_retry)

@@ -100,3 +100,32 @@ def test_a_killed_runs_staging_is_removed_by_the_next_run_and_a_live_ones_is_not
     finally:
         live.kill()
         live.wait(timeout=30)
+
+
+_REPLACER = """
+import os, sys
+from pathlib import Path
+from training.outputs import BUNDLE_MARKER, replaced_dir
+out = Path(sys.argv[1])
+for version in ("1", "2"):
+    with replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text(version)
+    os.chmod(out / BUNDLE_MARKER, 0o444)
+    os.chmod(out, 0o555)  # a published bundle its owner made read-only
+print((out / BUNDLE_MARKER).read_text())
+"""
+
+
+def test_a_read_only_output_is_replaced_by_its_owner_without_root_powers(tmp_path: Path) -> None:
+    # Root passes every permission check; where the tests run as root, the writer runs without the
+    # capabilities that bypass them (setpriv, util-linux), as a plain user owning the output would.
+    command = [sys.executable, "-c", _REPLACER, str(tmp_path / "bundle")]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--", *command]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "2"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # nothing left aside
+    finally:
+        (tmp_path / "bundle").chmod(0o755)  # so that pytest can clean up as any user
