@@ -216,15 +216,6 @@ class PostgresSpendStore:
 
         self.url = url
         wait_ms = int(WRITE_WAIT_S * 1000)
-        kwargs = {
-            **NO_HANG,
-            "tcp_user_timeout": 2 * wait_ms,
-            # a lock another replica holds, or a slow server, fails the budgeted calls quickly;
-            # the lock's limit comes first, so that a contended row is told apart from a slow server
-            "options": with_session_options(
-                url, f"-c statement_timeout={2 * wait_ms} -c lock_timeout={wait_ms}"
-            ),
-        }
         self._lock = threading.Lock()
         self._held: Any = None  # the connection of the open transaction
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
@@ -235,6 +226,15 @@ class PostgresSpendStore:
         # a daemon: a database that never answers must not keep the process from exiting
         threading.Thread(target=self._work, name="spend-store", daemon=True).start()
         try:
+            kwargs = {  # in the try: a URL psycopg cannot parse is refused like one it cannot reach
+                **NO_HANG,
+                "tcp_user_timeout": 2 * wait_ms,
+                # a lock another replica holds, or a slow server, fails the budgeted calls quickly;
+                # the lock's limit comes first, so that a contended row is told apart from a slow server
+                "options": with_session_options(
+                    url, f"-c statement_timeout={2 * wait_ms} -c lock_timeout={wait_ms}"
+                ),
+            }
             # One plain connection first: the pool would only say that it timed out, where this
             # names the cause (refused, unknown host, wrong password, no such database).
             psycopg.connect(url, connect_timeout=10).close()

@@ -31,3 +31,9 @@ def test_sqlite_urls_name_the_file_they_say_and_malformed_ones_are_refused(
         with pytest.raises(SpendStoreError):
             open_spend_store(bad)
     assert not list(tmp_path.glob("**/d.sqlite"))  # nothing was made for a refused location
+
+
+def test_a_postgresql_url_psycopg_cannot_parse_is_refused_without_its_password() -> None:
+    with pytest.raises(SpendStoreError) as info:
+        open_spend_store("postgresql://router:s3%ZZcret@db.invalid/spend")
+    assert "percent-encoded" in str(info.value) and "s3%ZZcret" not in str(info.value)
