@@ -387,6 +387,7 @@ class FeedbackService:
         except StoreError as exc:
             self.metrics.feedback_store_errors.labels(op="sync").inc()
             log.warning("feedback store: cannot read new outcomes: %s", exc)
+            return  # gaps age only with syncs that looked for them: an outage does not expire them
         cutoff = time.monotonic() - GAP_WAIT_S
         self._gaps = {s: noticed for s, noticed in self._gaps.items() if noticed >= cutoff}
 

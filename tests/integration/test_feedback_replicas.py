@@ -18,6 +18,7 @@ from router.core.errors import NotFound, StoreUnavailable
 from router.core.features import EXTRA_FEATURES
 from router.core.feedback_store import DecisionRecord, open_store
 from router.core.online import OnlineMemory
+from router.serving import feedback
 from router.serving.feedback import MAX_GAPS, MAX_PENDING, FeedbackQuery, FeedbackService
 from router.serving.metrics import Metrics
 
@@ -153,6 +154,34 @@ def test_the_numbers_looked_for_are_bounded_and_the_newest(tmp_path: Path) -> No
         started = time.monotonic()
         service.sync()
         assert time.monotonic() - started < 5
+        assert len(service.memory) == 3
+    finally:
+        other.close()
+        service.close()
+
+
+def test_a_store_outage_longer_than_the_gap_wait_does_not_expire_the_numbers_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gaps aged with every sync, failed ones too: after an outage longer than GAP_WAIT_S, the
+    number skipped before it was dropped unlooked-for, and its late commit never learnt."""
+    monkeypatch.setattr(feedback, "GAP_WAIT_S", 0.3)
+    path = tmp_path / "feedback.sqlite"
+    service = _replica(f"sqlite:///{path}")
+    ids = [new_decision_id() for _ in range(3)]
+    service.store.record([_decision(i) for i in ids])
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        _insert_outcome(other, 1, ids[0], time.time())
+        _insert_outcome(other, 3, ids[2], time.time())
+        service.sync()
+        other.execute("ALTER TABLE outcomes RENAME TO outcomes_away")  # the store fails every read
+        for _ in range(3):
+            time.sleep(0.3)
+            service.sync()
+        other.execute("ALTER TABLE outcomes_away RENAME TO outcomes")
+        _insert_outcome(other, 2, ids[1], time.time())  # committed late, during the outage
+        service.sync()
         assert len(service.memory) == 3
     finally:
         other.close()
