@@ -429,13 +429,18 @@ class FeedbackService:
             )
         if not usable:
             return
-        self.memory.add(
+        ignored = self.memory.add(
             [o.decision_id for o in usable],
             np.vstack([o.features[None, :] for o in usable]),
             [o.model for o in usable],
             [o.score for o in usable],
             [o.output_tokens for o in usable],
         )
+        if ignored:
+            log.warning(
+                "feedback: %d outcome(s) of decisions whose stored embedding is not finite are not learnt",
+                ignored,
+            )
         self.metrics.online_memory.set(len(self.memory))
 
     def purge(self) -> None:
