@@ -6,19 +6,21 @@ is how a bundle is retrained in place, but only an output of the same kind is ev
 directory that is neither empty nor holds the kind's marker file, or one that holds a command's
 own input, is refused rather than deleted. The staging directory and the place the old output is
 moved aside to get names of their own (hidden, unique), so nothing the command did not make is
-ever removed. Those names carry the host and process that made them, so that the next run beside
-the same output removes what a killed run (SIGKILL) left behind, and nothing a live process or
-another host is still writing. Checks create nothing: missing parent directories are made when the
-output is written.
+ever removed. Each run holds a lock file named like them until it finishes, so that the next run
+beside the same output clears what a killed run (SIGKILL) left behind, and nothing a live run is
+still writing. Checks create nothing: missing parent directories are made when the output is
+written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import secrets
 import shutil
-import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,46 +107,76 @@ def check_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Path:
     return out_dir
 
 
-def _owner_tag() -> str:
-    """Who makes a staging directory: this host and process, so that a later run can tell one
-    left by a killed run from one still being written (on this host; others' are left alone)."""
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
-    return f"{host}-{os.getpid()}"
+class _Run:
+    """One replacement of `out_dir`: its staging and moved-aside directories, named after a lock
+    file that the run holds (flock) until it has finished. The lock dies with the process, however
+    it ends, so a later run that can take it knows that nobody will finish that run's work."""
 
+    def __init__(self, out_dir: Path, token: str | None = None) -> None:
+        self.out_dir = out_dir
+        self.token = token or secrets.token_hex(8)
+        prefix = out_dir.parent / f".{out_dir.name}"
+        self.lock = Path(f"{prefix}.run-{self.token}.lock")
+        self.staging = Path(f"{prefix}.staging-{self.token}")
+        self.aside = Path(f"{prefix}.replaced-{self.token}")
+        self._fd: int | None = None
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
+    @classmethod
+    def start(cls, out_dir: Path) -> _Run:
+        while True:
+            run = cls(out_dir)
+            try:
+                run._fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            fcntl.flock(run._fd, fcntl.LOCK_EX)
+            # a plain mkdir: tempfile.mkdtemp's 0700 would become the output's own mode once
+            # renamed into place, and a server running as another user could not read the bundle
+            run.staging.mkdir()
+            return run
+
+    def abandoned(self) -> bool:
+        """Takes the lock of a run found on disk if its process is gone; False if it is alive (or
+        the lock cannot be told: then it is left alone)."""
+        try:
+            self._fd = os.open(self.lock, os.O_RDWR)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.finish(unlink=False)
+            return False
         return True
-    return True
+
+    def finish(self, unlink: bool = True) -> None:
+        if unlink:
+            with contextlib.suppress(OSError):
+                self.lock.unlink()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _remove_abandoned(out_dir: Path) -> None:
-    """Removes the staging and moved-aside directories that runs killed on this host (SIGKILL, or a
-    SIGTERM with no handler) left beside `out_dir`; a live process's, or another host's, stay."""
-    host = _owner_tag().rsplit("-", 1)[0]
-    for role in ("staging", "replaced"):
-        for path in out_dir.parent.glob(f".{out_dir.name}.{role}-{host}-*-*"):
-            pid = path.name.rsplit("-", 2)[-2]
-            if pid.isdigit() and not _alive(int(pid)) and path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _unique_dir(out_dir: Path, role: str) -> Path:
-    """A new hidden directory beside `out_dir`, with the mode a plain mkdir gives it.
-
-    Not tempfile.mkdtemp: its 0700 would become the output's own mode once renamed into place,
-    and a server running as another user (the container's) could no longer read the bundle."""
-    while True:
-        path = out_dir.parent / f".{out_dir.name}.{role}-{_owner_tag()}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-        except FileExistsError:
+    """Clears what runs killed beside `out_dir` (SIGKILL, or a SIGTERM with no handler) left: their
+    staging directories go, and an old output one was killed while replacing goes back in place
+    (the contract: a run that does not finish leaves `out_dir` as it was). Only directories named
+    after a run's lock file that nobody holds are touched."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.run-([0-9a-f]{{16}})\.lock")
+    with os.scandir(out_dir.parent) as entries:
+        tokens = [
+            m.group(1)
+            for e in entries
+            if (m := pattern.fullmatch(e.name)) and e.is_file(follow_symlinks=False)
+        ]
+    for token in tokens:
+        run = _Run(out_dir, token)
+        if not run.abandoned():
             continue
-        return path
+        if run.aside.is_dir() and not run.aside.is_symlink() and not out_dir.exists():
+            run.aside.rename(out_dir)
+        for leftover in (run.staging, run.aside):
+            if leftover.is_dir() and not leftover.is_symlink():
+                _remove_tree(leftover)
+        run.finish()
 
 
 @contextmanager
@@ -154,32 +186,38 @@ def replaced_dir(out_dir: Path, marker: str, inputs: Sequence[Path] = ()) -> Ite
     out_dir = check_dir(out_dir, marker, inputs)
     make_parent(out_dir)
     _remove_abandoned(out_dir)
-    staging = _unique_dir(out_dir, "staging")
+    run = _Run.start(out_dir)
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():  # moved aside whole, so that a failure leaves it whole
-        aside = _unique_dir(out_dir, "replaced")
-        # onto the empty directory that reserved the name, in the same parent: moving a directory
-        # to another parent rewrites its "..", which a read-only output refuses to anyone but root
-        out_dir.rename(aside)
-        staging.rename(out_dir)
-        _remove_tree(aside)
-    else:
-        staging.rename(out_dir)
+        try:
+            yield run.staging
+        except BaseException:
+            _remove_tree(run.staging)
+            raise
+        if out_dir.exists():  # moved aside whole, so that a failure leaves it whole
+            # renamed in the same parent: moving a directory to another parent rewrites its "..",
+            # which a read-only output refuses to anyone but root
+            out_dir.rename(run.aside)
+            run.staging.rename(out_dir)
+            _remove_tree(run.aside)
+        else:
+            run.staging.rename(out_dir)
+    finally:
+        run.finish()
 
 
 def _remove_tree(path: Path) -> None:
-    """Removes what a replaced output left, read-only directories included (its owner may make
-    them writable; what cannot be removed is left, for the new output is in place already)."""
+    """Removes a directory this code made or moved aside, read-only directories in it included:
+    each is made writable, top down, before its entries go (links are not followed, and nothing
+    above `path` is touched); what still cannot be removed is left."""
 
-    def writable_then_retry(function: Callable[..., object], name: str, _: object) -> None:
-        try:
-            os.chmod(os.path.dirname(name), 0o700)
-            function(name)
-        except OSError:
-            pass
+    def writable(directory: str) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(directory, 0o700)
 
-    shutil.rmtree(path, onerror=writable_then_retry)
+    writable(str(path))
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            child = os.path.join(root, name)
+            if not os.path.islink(child):
+                writable(child)
+    shutil.rmtree(path, ignore_errors=True)

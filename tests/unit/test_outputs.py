@@ -129,3 +129,73 @@ def test_a_read_only_output_is_replaced_by_its_owner_without_root_powers(tmp_pat
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # nothing left aside
     finally:
         (tmp_path / "bundle").chmod(0o755)  # so that pytest can clean up as any user
+
+
+def test_only_what_a_dead_runs_lock_names_is_cleared_and_lookalikes_stay(tmp_path: Path) -> None:
+    out = tmp_path / "v[12]"  # a name that is also a glob pattern
+    lookalikes = [
+        tmp_path / ".v1.staging-0123456789abcdef",
+        tmp_path / ".v[12].staging-vm-20250101-backup",
+        tmp_path / ".v[12].staging-0123456789abcdef",  # no lock file names it: not a run's
+    ]
+    for path in lookalikes:
+        (path / "keep").mkdir(parents=True)
+    with replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text("{}")
+    assert all((path / "keep").is_dir() for path in lookalikes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["v[12]", *(p.name for p in lookalikes)])
+
+
+def test_a_run_killed_between_its_two_renames_leaves_the_old_output_in_place(tmp_path: Path) -> None:
+    """What a run killed after moving the old output aside, before renaming its staging into place,
+    leaves: its lock file (no longer held), the old output aside, the new one staged."""
+    out = tmp_path / "bundle"
+    token = "00112233445566ff"
+    (tmp_path / f".bundle.run-{token}.lock").write_text("")
+    (tmp_path / f".bundle.replaced-{token}").mkdir()
+    (tmp_path / f".bundle.replaced-{token}" / BUNDLE_MARKER).write_text("old")
+    (tmp_path / f".bundle.staging-{token}").mkdir()
+    (tmp_path / f".bundle.staging-{token}" / BUNDLE_MARKER).write_text("new")
+    with pytest.raises(RuntimeError), replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text("newer")
+        raise RuntimeError("this run fails too")
+    assert (out / BUNDLE_MARKER).read_text() == "old"  # back in place, not deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_replacing_touches_nothing_above_the_output_and_survives_what_it_cannot_remove(
+    tmp_path: Path,
+) -> None:
+    """An old output holding a directory of another user (a cache a server wrote) and one with no
+    permissions at all: the new output takes its place, the parent keeps its mode."""
+    out = tmp_path / "bundle"
+    with replaced_dir(out, BUNDLE_MARKER) as staging:
+        (staging / BUNDLE_MARKER).write_text("1")
+        (staging / "cache" / "entry").mkdir(parents=True)
+        (staging / "sealed").mkdir()
+    if os.geteuid() == 0:
+        os.chown(out / "cache", 65534, 65534)
+        os.chown(out / "cache" / "entry", 65534, 65534)
+    (out / "sealed").chmod(0o000)
+    tmp_path.chmod(0o755)
+    command = [sys.executable, "-c", _REPLACE_ONCE, str(out)]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner,-chown", "--", *command]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert (out / BUNDLE_MARKER).read_text() == "2"
+        assert tmp_path.stat().st_mode & 0o777 == 0o755
+    finally:
+        for path in tmp_path.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+
+
+_REPLACE_ONCE = """
+import sys
+from pathlib import Path
+from training.outputs import BUNDLE_MARKER, replaced_dir
+with replaced_dir(Path(sys.argv[1]), BUNDLE_MARKER) as staging:
+    (staging / BUNDLE_MARKER).write_text("2")
+"""
