@@ -74,8 +74,11 @@ class BundleStore:
         self._threads = threads
         self._active: Active | None = None
         self._rejected: set[str] = set()
-        # What feedback taught (router/core/online.py), given to every bundle this store loads.
+        # What feedback taught (router/core/online.py), given to every bundle this store loads
+        # that embeds as the first one did: another encoder's embeddings, even of the same size,
+        # are not comparable with those the memory holds.
         self.online = OnlineMemory(DEFAULT_EMBEDDING_DIM)
+        self._online_embedder: str | None = None  # the base model the memory's embeddings come from
 
     @property
     def ready(self) -> bool:
@@ -114,17 +117,27 @@ class BundleStore:
         key = manifest_key(self.path)
         try:
             bundle, engine = open_engine(self.path, provider=self._provider, threads=self._threads)
-            if bundle.embedder.dim == self.online.dim:
-                engine.online = self.online
-            else:
+            base_model = bundle.manifest.embedder.base_model
+            if bundle.embedder.dim != self.online.dim:
                 log.warning(
                     "bundle embeds in %d dimensions: the online memory is not used", bundle.embedder.dim
                 )
+            elif self._online_embedder not in (None, base_model):
+                log.warning(
+                    "bundle embeds with %s, the online memory holds %s's embeddings: it is not used "
+                    "(restart to learn with the new encoder)",
+                    base_model,
+                    self._online_embedder,
+                )
+            else:
+                engine.online = self.online
             warm_up(engine)
         except Exception:
             self._metrics.bundle_loads.labels(result="failure").inc()
             raise
         self._metrics.bundle_loads.labels(result="success").inc()
+        if engine.online is not None:
+            self._online_embedder = base_model
         active = Active(bundle, engine, time.time(), key)
         m = bundle.manifest
         self._metrics.set_bundle(m.bundle_version, m.embedder.precision, engine.models, active.loaded_at)

@@ -264,3 +264,31 @@ def test_a_server_swaps_to_a_bundle_with_an_added_model_under_traffic(
     assert {code for _, _, code, _ in traffic.results} == {grpc.StatusCode.OK}
     assert {v for _, _, _, v in traffic.results} == {old_version, new_version}
     assert models[-1] == HELD_OUT and len(response.estimates) == len(models)
+
+
+def test_a_bundle_with_another_encoder_does_not_read_the_online_memory(
+    small_bundle: Path, tmp_path: Path
+) -> None:
+    """The memory holds the first bundle's embeddings; a bundle of the same embedding size from
+    another encoder used them as if comparable."""
+    import asyncio
+
+    from router.serving.bundle_store import BundleStore
+    from router.serving.metrics import Metrics
+
+    current = tmp_path / "current"
+    current.symlink_to(_variant(small_bundle, tmp_path / "v1", "v1"))
+    store = BundleStore(current, Metrics(), provider="cpu", threads=1)
+    store.load_initial()
+    assert store.active.engine.online is store.online
+
+    def swap(target: Path) -> bool:
+        current.unlink()
+        current.symlink_to(target)
+        return asyncio.run(store.reload_if_changed())
+
+    other = _variant(small_bundle, tmp_path / "v2", "v2")
+    edit_manifest(other, lambda m: m["embedder"].update(base_model="BAAI/bge-small-en-v1.5"))
+    assert swap(other) and store.active.engine.version == "v2"
+    assert store.active.engine.online is None
+    assert swap(_variant(small_bundle, tmp_path / "v3", "v3")) and store.active.engine.online is store.online
