@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
+from router.core.features import EXTRA_FEATURES
+from router.core.feedback_store import DecisionRecord
 from router.core.manifest import CHECKSUM_FIELD, MANIFEST, content_checksum
 from router.serving.config import ServeSettings
 from router.serving.server import RouterServer
@@ -247,3 +250,23 @@ def route_once_the_store_is_retried(stub, request: router_pb2.RouteRequest) -> r
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
             time.sleep(0.1)
+
+
+def decision_record(decision_id: str, embedding_dim: int = 384) -> DecisionRecord:
+    """A decision between two models as the service records it, for feedback store tests."""
+    return DecisionRecord(
+        id=decision_id,
+        created_at=time.time(),
+        tenant="",
+        bundle_version="test",
+        model="small",
+        cost_weight=0.1,
+        propensity=1.0,
+        models=("small", "large"),
+        quality=np.array([0.5, 0.8]),
+        cost_usd=np.array([1e-4, 1e-3]),
+        output_tokens=np.array([100.0, 120.0]),
+        input_tokens=20,
+        features=np.full(embedding_dim + len(EXTRA_FEATURES), 0.05, dtype=np.float32),
+        prompt=None,
+    )

@@ -9,41 +9,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from router.core.errors import StoreUnavailable
-from router.core.features import EXTRA_FEATURES
-from router.core.feedback_store import DecisionRecord, Outcome, open_store
+from router.core.feedback_store import Outcome, open_store
 from router.core.online import OnlineMemory
 from router.serving.feedback import FeedbackQuery, FeedbackService
 from router.serving.metrics import Metrics
+from tests.helpers import decision_record
 
 MODELS = ("small", "large")
-
-
-def _decision(decision_id: str, embedding_dim: int = 384) -> DecisionRecord:
-    return DecisionRecord(
-        id=decision_id,
-        created_at=time.time(),
-        tenant="",
-        bundle_version="test",
-        model="small",
-        cost_weight=0.1,
-        propensity=1.0,
-        models=MODELS,
-        quality=np.array([0.5, 0.8]),
-        cost_usd=np.array([1e-4, 1e-3]),
-        output_tokens=np.array([100.0, 120.0]),
-        input_tokens=20,
-        features=np.full(embedding_dim + len(EXTRA_FEATURES), 0.05, dtype=np.float32),
-        prompt=None,
-    )
 
 
 def test_a_cancelled_caller_leaves_the_rest_of_its_commit_batch_answered(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'feedback.sqlite'}")
     service = FeedbackService(store, Metrics(), OnlineMemory(384), retention_s=3600)
-    service.record([_decision("a" * 32), _decision("b" * 32)])
+    service.record([decision_record("a" * 32), decision_record("b" * 32)])
     gone = service.submit(FeedbackQuery("a" * 32, "", 1.0, None, None, None))
     assert gone.cancel()  # queued, not yet taken: as a call cancelled before its commit
     waiting = service.submit(FeedbackQuery("b" * 32, "", 0.0, None, 50, None))
@@ -61,7 +40,7 @@ def test_outcomes_of_another_embedding_size_are_left_out_and_the_rest_learnt(tmp
     service = FeedbackService(store, Metrics(), OnlineMemory(384), retention_s=3600)
     # a hot swap to a 768-dimensional bundle and back leaves both kinds of decision in the store
     dims = {"a" * 32: 384, "b" * 32: 768, "c" * 32: 384}
-    service.record([_decision(key, dim) for key, dim in dims.items()])
+    service.record([decision_record(key, dim) for key, dim in dims.items()])
     service.start()
     try:
         for key in dims:
@@ -88,7 +67,7 @@ def test_outcomes_queued_when_the_service_closes_are_committed_or_answered(tmp_p
     url = f"sqlite:///{tmp_path / 'feedback.sqlite'}"
     service = FeedbackService(open_store(url), Metrics(), OnlineMemory(384), retention_s=3600)
     ids = [f"{i:032x}" for i in range(600)]
-    service.record([_decision(key) for key in ids])
+    service.record([decision_record(key) for key in ids])
     service.start()
     futures = [service.submit(FeedbackQuery(key, "", 1.0, None, None, None)) for key in ids]
     service.close()  # as a SIGTERM's drain ends: with most of them still queued
@@ -120,7 +99,7 @@ def test_outcomes_beyond_the_queue_bound_are_refused_at_once_and_the_queued_all_
     metrics = Metrics()
     service = FeedbackService(store, metrics, OnlineMemory(384), retention_s=3600)
     ids = [f"{i:032x}" for i in range(MAX_QUEUED_OUTCOMES // 2 + 5)]
-    service.record([_decision(i) for i in ids])
+    service.record([decision_record(i) for i in ids])
     queries = [FeedbackQuery(i, model, 0.5, None, None, None) for i in ids for model in MODELS]
     futures = [service.submit(q) for q in queries]
     refused = futures[MAX_QUEUED_OUTCOMES:]
@@ -140,7 +119,7 @@ def test_reading_the_store_neither_waits_for_nor_holds_up_a_writer(tmp_path: Pat
 
     path = tmp_path / "feedback.sqlite"
     store = open_store(f"sqlite:///{path}")
-    store.record([_decision("c" * 32)])
+    store.record([decision_record("c" * 32)])
     store.add_outcomes([Outcome("c" * 32, "small", 1.0, None, 40, None, time.time())])
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # as the live server's commit holds it
@@ -162,7 +141,7 @@ def test_a_purge_removes_outcomes_whose_decision_is_gone(tmp_path: Path) -> None
     window) was never purged: nothing joins it to a decision any more."""
     store = open_store(f"sqlite:///{tmp_path / 'feedback.sqlite'}")
     try:
-        store.record([_decision("d" * 32)])
+        store.record([decision_record("d" * 32)])
         now = time.time()
         store.add_outcomes([Outcome("d" * 32, "small", 1.0, None, None, None, now)])
         store.add_outcomes([Outcome("e" * 32, "small", 0.0, None, None, None, now)])  # no decision

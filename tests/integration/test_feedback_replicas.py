@@ -10,39 +10,19 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from router.core.decision_ids import new_decision_id
 from router.core.errors import NotFound, StoreUnavailable
-from router.core.features import EXTRA_FEATURES
-from router.core.feedback_store import DecisionRecord, open_store
+from router.core.feedback_store import open_store
 from router.core.online import OnlineMemory
 from router.serving import feedback
 from router.serving.feedback import MAX_GAPS, MAX_PENDING, FeedbackQuery, FeedbackService
 from router.serving.metrics import Metrics
+from tests.helpers import decision_record
 
 MODELS = ("small", "large")
 DIM = 384
-
-
-def _decision(decision_id: str) -> DecisionRecord:
-    return DecisionRecord(
-        id=decision_id,
-        created_at=time.time(),
-        tenant="",
-        bundle_version="test",
-        model="small",
-        cost_weight=0.1,
-        propensity=1.0,
-        models=MODELS,
-        quality=np.array([0.5, 0.8]),
-        cost_usd=np.array([1e-4, 1e-3]),
-        output_tokens=np.array([100.0, 120.0]),
-        input_tokens=20,
-        features=np.full(DIM + len(EXTRA_FEATURES), 0.05, dtype=np.float32),
-        prompt=None,
-    )
 
 
 def _replica(url: str, metrics: Metrics | None = None) -> FeedbackService:
@@ -63,7 +43,7 @@ def test_feedback_for_a_decision_another_replica_has_yet_to_write_is_unavailable
     b.start()
     try:
         decision_id = new_decision_id()
-        a.record([_decision(decision_id)])  # a's writer has not run: the decision is in its queue
+        a.record([decision_record(decision_id)])  # a's writer has not run: the decision is in its queue
         with pytest.raises(StoreUnavailable, match=r"not in the feedback store yet.*retry"):
             _send(b, decision_id)
         a.flush()  # a's writer's next turn
@@ -92,7 +72,7 @@ def test_a_decision_this_replica_dropped_is_not_found_at_once(tmp_path: Path) ->
     """Its id is recent, but this replica knows it will never be stored: retrying cannot help."""
     service = _replica(f"sqlite:///{tmp_path / 'feedback.sqlite'}")
     ids = [new_decision_id() for _ in range(MAX_PENDING + 1)]
-    service.record([_decision(i) for i in ids])  # a store too slow for the queue: the oldest goes
+    service.record([decision_record(i) for i in ids])  # a store too slow for the queue: the oldest goes
     service.start()
     try:
         with pytest.raises(NotFound):
@@ -119,7 +99,7 @@ def test_an_outcome_committed_late_is_learnt_whatever_the_clock_of_the_replica_t
     path = tmp_path / "feedback.sqlite"
     service = _replica(f"sqlite:///{path}")  # its syncs are run here, not by its thread
     ids = [new_decision_id() for _ in range(3)]
-    service.store.record([_decision(i) for i in ids])
+    service.store.record([decision_record(i) for i in ids])
     behind = time.time() - 3600
     other = sqlite3.connect(path, isolation_level=None)
     try:
@@ -141,7 +121,7 @@ def test_the_numbers_looked_for_are_bounded_and_the_newest(tmp_path: Path) -> No
     path = tmp_path / "feedback.sqlite"
     service = _replica(f"sqlite:///{path}")
     ids = [new_decision_id() for _ in range(4)]
-    service.store.record([_decision(i) for i in ids])
+    service.store.record([decision_record(i) for i in ids])
     last = 5 * MAX_GAPS
     other = sqlite3.connect(path, isolation_level=None)
     try:
@@ -169,7 +149,7 @@ def test_a_store_outage_longer_than_the_gap_wait_does_not_expire_the_numbers_loo
     path = tmp_path / "feedback.sqlite"
     service = _replica(f"sqlite:///{path}")
     ids = [new_decision_id() for _ in range(3)]
-    service.store.record([_decision(i) for i in ids])
+    service.store.record([decision_record(i) for i in ids])
     other = sqlite3.connect(path, isolation_level=None)
     try:
         _insert_outcome(other, 1, ids[0], time.time())
