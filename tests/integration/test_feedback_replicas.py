@@ -21,7 +21,6 @@ from router.serving.feedback import MAX_GAPS, MAX_PENDING, FeedbackQuery, Feedba
 from router.serving.metrics import Metrics
 from tests.helpers import decision_record
 
-MODELS = ("small", "large")
 DIM = 384
 
 
