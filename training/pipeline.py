@@ -29,6 +29,7 @@ from router.core.pricing import Prices, TokenEstimator
 from training.bundle_writer import BundleContents, write_bundle
 from training.embed_cache import EmbeddingCache
 from training.embedder_export import ExportedEmbedder, cached_export
+from training.errors import TableError
 from training.feedback_data import FeedbackRows, load_feedback
 from training.heads_model import KIND, HeadsModel, HeadsParams
 from training.reference import CALIBRATION_PROMPTS, Reference, prompt_key
@@ -119,7 +120,15 @@ def prepare(data: TrainingData, encoded: Encoded, feedback: str | None = None) -
     prices = Prices.from_rows(
         list(table.prices[["model", "input_usd_per_mtok", "output_usd_per_mtok"]].itertuples(index=False))
     )
-    c_ref = float(np.nanmean(np.nanmean(table.matrix("cost_usd"), axis=0)))
+    costs = table.matrix("cost_usd")
+    if np.isnan(costs).all():
+        raise TableError(
+            f"{table.name}: no outcome records cost_usd, nor input_tokens to price at the list prices: "
+            "the router trades quality against cost, so one of them is needed"
+        )
+    c_ref = float(np.nanmean(np.nanmean(costs, axis=0)))
+    if c_ref <= 0:  # a fleet that costs nothing: any positive scale makes the same decisions
+        c_ref = 1.0
     targets = build_targets(table, estimator.estimate(f.word_pieces, f.chars))
     rows = load_feedback(feedback, table.models, f.features.shape[1]) if feedback else None
     if rows is not None:

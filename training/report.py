@@ -124,8 +124,11 @@ def plot_curves(router: Evaluation, knn: Evaluation, path: Path, title: str) -> 
     ax.scatter(
         [rnd["cost_per_1k"]], [rnd["quality"]], marker="x", color="C3", label="random router", zorder=3
     )
-    ax.set_xscale("log")
-    ax.set_xlabel("mean cost, USD per 1,000 queries (log scale)")
+    if max(c for c, _ in router.single.values()) > 0:  # a fleet that costs nothing has no log axis
+        ax.set_xscale("log")
+        ax.set_xlabel("mean cost, USD per 1,000 queries (log scale)")
+    else:
+        ax.set_xlabel("mean cost, USD per 1,000 queries")
     ax.set_ylabel("mean quality")
     ax.set_title(
         f"{title}: gap closed {router.figures['gap_closed']:.3f} (kNN {knn.figures['gap_closed']:.3f})"

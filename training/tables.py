@@ -164,7 +164,7 @@ class RoutingTable:
             score=scores.astype(float),
             input_tokens=pd.to_numeric(o["input_tokens"], errors="coerce").astype("Float64"),
             output_tokens=pd.to_numeric(o["output_tokens"], errors="coerce").astype("Float64"),
-            cost_usd=pd.to_numeric(o["cost_usd"], errors="coerce").astype("Float64"),
+            cost_usd=_priced(o, m),
         )
         # Only models that were actually observed are candidates.
         self.prices = (
@@ -231,6 +231,29 @@ def latency_of(row: Mapping[str, object]) -> dict[str, float | None]:
     return out
 
 
+def _priced(outcomes: pd.DataFrame, prices: pd.DataFrame) -> pd.Series:
+    """cost_usd, and where the source left it empty what the call's tokens cost at the list price:
+    input tokens, plus output tokens where known (as the shared tables' input-only costs are).
+    Without this, a table that records tokens and prices but no bills had no complete prompt to
+    validate or evaluate on."""
+    cost = pd.to_numeric(outcomes["cost_usd"], errors="coerce").astype("Float64")
+    tokens_in = pd.to_numeric(outcomes["input_tokens"], errors="coerce").astype(float)
+    missing = cost.isna().to_numpy() & ~np.isnan(tokens_in.to_numpy())
+    if not missing.any():
+        return cost
+    listed = prices.set_index("model")
+    models = outcomes.loc[missing, "model"]
+    tokens_out = (
+        pd.to_numeric(outcomes.loc[missing, "output_tokens"], errors="coerce").astype(float).fillna(0.0)
+    )
+    bill = (
+        tokens_in[missing] * models.map(listed["input_usd_per_mtok"]).astype(float)
+        + tokens_out * models.map(listed["output_usd_per_mtok"]).astype(float)
+    ) / 1e6
+    cost[missing] = bill.to_numpy()
+    return cost
+
+
 def load_table(directory: Path) -> RoutingTable:
     """Reads a table in the canonical layout (see the data README)."""
     directory = Path(directory)
@@ -243,7 +266,7 @@ def load_table(directory: Path) -> RoutingTable:
     try:
         prompts = pd.read_parquet(files["prompts.parquet"])
         outcomes = pd.read_parquet(files["outcomes.parquet"])
-        prices = pd.read_csv(files["models.csv"])
+        prices = pd.read_csv(files["models.csv"], dtype={"model": str})  # a model named 7 is "7"
     except Exception as exc:  # pyarrow / pandas raise many types for unreadable files
         raise TableError(f"{directory}: cannot read table ({exc})") from exc
     return RoutingTable(directory.name, prompts, outcomes, prices)

@@ -321,3 +321,37 @@ def test_eval_with_no_complete_validation_prompt_writes_valid_json(
 
     figures = json.loads((report / "metrics.json").read_text(), parse_constant=no_nan)
     assert figures["knn"]["validation_aiq_by_k"] == {} and figures["knn"]["k"] == 32
+
+
+def test_train_prices_unbilled_calls_trains_a_free_fleet_and_refuses_a_table_without_costs(
+    small_table: Path, tmp_path: Path
+) -> None:
+    """Without cost_usd (tokens and prices known) or with every price 0, train failed with a
+    pydantic traceback (c_ref NaN or 0); with neither costs nor tokens it now says what is missing."""
+    outcomes = pd.read_parquet(small_table / "outcomes.parquet")
+    models = pd.read_csv(small_table / "models.csv")
+    prompts = pd.read_parquet(small_table / "prompts.parquet").head(120)
+    outcomes = outcomes[outcomes.prompt_id.isin(prompts.prompt_id)]
+    variants = {
+        "unbilled": (outcomes.assign(cost_usd=None), models),
+        "free": (
+            outcomes.assign(cost_usd=0.0),
+            models.assign(input_usd_per_mtok=0.0, output_usd_per_mtok=0.0),
+        ),
+        "scores_only": (outcomes[["prompt_id", "model", "score"]], models),
+    }
+    for name, (o, m) in variants.items():
+        table = tmp_path / name
+        table.mkdir()
+        prompts.to_parquet(table / "prompts.parquet")
+        o.to_parquet(table / "outcomes.parquet")
+        m.to_csv(table / "models.csv", index=False)
+    for name in ("unbilled", "free"):
+        result = run("train", "--data", str(tmp_path / name), "--out", str(tmp_path / f"{name}-bundle"))
+        assert result.returncode == 0, result.stderr
+        routed = run("route", "What is the derivative of x**3?", "--bundle", str(tmp_path / f"{name}-bundle"))
+        assert routed.returncode == 0, routed.stderr
+    refused = run("train", "--data", str(tmp_path / "scores_only"), "--out", str(tmp_path / "none"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "no outcome records cost_usd, nor input_tokens" in refused.stderr
+    assert not (tmp_path / "none").exists()

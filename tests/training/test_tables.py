@@ -186,3 +186,29 @@ def test_latency_columns_are_optional_and_checked(data_dir: Path, tmp_path: Path
     m.loc[1, "tpot_ms"] = -3.0
     with pytest.raises(TableError, match=f"tpot_ms of '{second}' must be a non-negative number"):
         load_table(_write(tmp_path, p, o, m))
+
+
+def test_a_cost_left_empty_is_what_its_tokens_cost_at_the_list_price(data_dir: Path, tmp_path: Path) -> None:
+    """A table that records tokens and prices but no bills had no complete prompt to validate on."""
+    p, o, m = _copy(data_dir, tmp_path)
+    recorded = o.set_index(["prompt_id", "model"])["cost_usd"]
+    o = o.assign(cost_usd=np.nan)
+    o.loc[o.index[:5], "output_tokens"] = None  # then the input tokens alone, as input-only costs are
+    table = load_table(_write(tmp_path, p, o, m))
+    priced = table.outcomes.set_index(["prompt_id", "model"])["cost_usd"].astype(float)
+    full = priced.index.isin(o.loc[o.index[5:]].set_index(["prompt_id", "model"]).index)
+    np.testing.assert_allclose(priced[full], recorded[priced.index[full]], rtol=1e-6)
+    listed = m.set_index("model")
+    for (prompt_id, model), cost in priced[~full].items():
+        tokens = o.set_index(["prompt_id", "model"]).loc[(prompt_id, model), "input_tokens"]
+        assert cost == pytest.approx(tokens * listed.loc[model, "input_usd_per_mtok"] / 1e6)
+    assert complete_rows(table).any()
+
+
+def test_model_names_that_read_as_numbers_stay_names(data_dir: Path, tmp_path: Path) -> None:
+    p, o, m = _copy(data_dir, tmp_path)
+    names = {name: str(i) for i, name in enumerate(m["model"], start=1)}
+    table = load_table(
+        _write(tmp_path, p, o.assign(model=o["model"].map(names)), m.assign(model=m["model"].map(names)))
+    )
+    assert sorted(table.models) == sorted(names.values())
