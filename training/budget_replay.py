@@ -28,27 +28,49 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pandas as pd
 
 from router.core.engine import open_engine
+from router.core.errors import BundleError
 from router.core.policy import choose
 from router.v1 import router_pb2, router_pb2_grpc
 from training.bench import serving
+from training.errors import TableError
 from training.metrics import hull, sweep
 from training.tables import complete_rows, load_table
 
 TRANSIENT = 200
 WINDOW = 500
 TENANT = "replay"
+# Fewer complete test prompts than this make no replay worth reporting.
+MIN_CALLS = 30
+
+
+class ReplayError(ValueError):
+    """The table or bundle cannot be replayed (said in one line)."""
 
 
 def _windows(values: np.ndarray, target: float) -> dict[str, float]:
-    after = values[TRANSIENT:]
-    sliding = np.convolve(after, np.ones(WINDOW) / WINDOW, mode="valid")
+    """Spend against the target over the whole run and over every window of WINDOW calls after the
+    first TRANSIENT; a run too short for those takes its first third as the transient and the rest
+    as one window (the sizes used are in the result)."""
+    transient = min(TRANSIENT, len(values) // 3)
+    window = min(WINDOW, len(values) - transient)
+    sliding = np.convolve(values[transient:], np.ones(window) / window, mode="valid")
     return {
         "whole_run_over_target": float(values.mean() / target),
         "worst_window_over_target": float(sliding[np.argmax(np.abs(sliding / target - 1))] / target),
         "windows_within_10pct": float(np.mean(np.abs(sliding / target - 1) <= 0.10)),
+        "transient_calls": transient,
+        "window_calls": window,
     }
+
+
+def _categories(prompts: pd.DataFrame) -> np.ndarray:
+    """Each prompt's category (`source`; a table without one is a single category)."""
+    if "source" not in prompts.columns:
+        return np.full(len(prompts), "", dtype=object)
+    return prompts["source"].fillna("").astype(str).to_numpy()
 
 
 @dataclass(frozen=True)
@@ -88,7 +110,12 @@ def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1
     table = load_table(data_dir).split(split)
     keep = complete_rows(table, engine.models)
     prompts = table.prompts[keep].reset_index(drop=True)
-    order = np.argsort(prompts["source"].to_numpy(), kind="stable")[::every]
+    if len(prompts) // every < MIN_CALLS:
+        raise ReplayError(
+            f"{data_dir}: {len(prompts)} {split} prompts have an outcome of every model of the bundle; "
+            f"a replay needs at least {MIN_CALLS}"
+        )
+    order = np.argsort(_categories(prompts), kind="stable")[::every]
     calls = Calls(
         [str(t) for t in prompts["prompt"].to_numpy()[order]],
         list(engine.models),
@@ -97,6 +124,10 @@ def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1
     score, cost, texts = calls.score, calls.cost, calls.texts
     best = int(np.argmax(score.mean(axis=0)))
     target = 0.3 * float(cost[:, best].mean())
+    if not target > 0:
+        raise ReplayError(
+            f"{data_dir}: the most accurate model, {engine.models[best]}, costs nothing: no spend to hold"
+        )
     rows = np.arange(len(texts))
 
     est = engine.estimate(texts)
@@ -115,14 +146,14 @@ def replay(bundle_dir: Path, data_dir: Path, split: str = "test", every: int = 1
 
     preset = engine.policy.presets["cost-30"].cost_weight
     fixed = choose(est.quality, est.cost_usd, preset, engine.policy.c_ref_usd)
-    categories = prompts["source"].to_numpy()[order]
+    categories = _categories(prompts)[order]
     known = _per_category_w(
         est.quality, est.cost_usd, cost, score, categories, target, engine.policy.c_ref_usd
     )
     return {
         "split": split,
         "prompts": len(texts),
-        "categories_in_order": list(dict.fromkeys(prompts["source"].to_numpy()[order].tolist())),
+        "categories_in_order": list(dict.fromkeys(categories.tolist())),
         "most_accurate_model": engine.models[best],
         "target_usd_per_1k": 1000 * target,
         "controller": controlled(feedback=False),
@@ -176,7 +207,8 @@ def report(r: dict) -> str:
     def line(name: str, d: dict) -> str:
         within = 100 * d["windows_within_10pct"]
         return (
-            f"{name}: whole run {d['whole_run_over_target']:.3f}x the target, worst {WINDOW}-call window "
+            f"{name}: whole run {d['whole_run_over_target']:.3f}x the target, worst "
+            f"{d['window_calls']}-call window after the first {d['transient_calls']} "
             f"{d['worst_window_over_target']:.3f}x, windows within 10%: {within:.0f}%"
         )
 
@@ -209,7 +241,10 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/mmlu_pro")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
-    result = replay(Path(args.bundle), Path(args.data))
+    try:
+        result = replay(Path(args.bundle), Path(args.data))
+    except (ReplayError, TableError, BundleError) as exc:
+        parser.exit(2, f"budget_replay: error: {exc}\n")
     print(report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
