@@ -30,6 +30,7 @@ import pandas as pd
 from router.core.engine import Engine, open_engine
 from router.core.features import PromptFeatures
 from router.core.policy import choose
+from training.errors import TableError
 from training.fleet import Scored, add_model, choose_anchors
 from training.metrics import evaluate
 from training.pipeline import TrainConfig, train_bundle
@@ -97,6 +98,8 @@ def anchor_outcomes(table: RoutingTable, anchors: pd.DataFrame, model: str) -> S
 
 def run(data_dir: Path, out: Path, counts: tuple[int, ...] = ANCHOR_COUNTS) -> dict:
     table = load_table(data_dir)
+    if len(table.models) < 2:
+        raise TableError(f"{table.name}: leaving a model out needs two models at least, the table has one")
     out.mkdir(parents=True, exist_ok=True)
     bundles = out / "bundles"
     started = time.perf_counter()
@@ -237,7 +240,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=list(ANCHOR_COUNTS), help="anchor counts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(Path(args.data), Path(args.out), tuple(args.n))
+    try:
+        result = run(Path(args.data), Path(args.out), tuple(args.n))
+    except TableError as exc:
+        parser.exit(2, f"leave_one_out: error: {exc}\n")
     print(report(result))
 
 
