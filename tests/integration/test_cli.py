@@ -355,3 +355,26 @@ def test_train_prices_unbilled_calls_trains_a_free_fleet_and_refuses_a_table_wit
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "no outcome records cost_usd, nor input_tokens" in refused.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_leave_one_out_refuses_a_one_model_table_before_any_work(small_table: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    shutil.copytree(small_table, single)
+    outcomes = pd.read_parquet(single / "outcomes.parquet")
+    outcomes[outcomes.model == outcomes.model.iloc[0]].to_parquet(single / "outcomes.parquet")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.leave_one_out",
+            "--data",
+            str(single),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "needs two models at least" in result.stderr
