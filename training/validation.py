@@ -6,6 +6,7 @@ run, through the same `Engine` as `Route`, never on the torch or LightGBM models
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +21,13 @@ from router.core.pricing import Prices, TokenEstimator
 from training.metrics import W_GRID, Evaluation, evaluate
 from training.tables import RoutingTable, complete_rows
 
+log = logging.getLogger(__name__)
+
 # Named operating points: target mean cost as a fraction of the most accurate single model's.
 PRESET_COST_FRACTIONS = {"cost-10": 0.10, "cost-30": 0.30, "cost-50": 0.50}
 DEFAULT_PRESET = "cost-30"
+# Fewer validation prompts with every model's outcome than this calibrate the presets on estimates.
+MIN_COMPLETE = 50
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,21 @@ def validate(
     score = validation.matrix("score", models)[complete]
     cost = validation.matrix("cost_usd", models)[complete]
     q, c = est.quality[complete], est.cost_usd[complete]
-    presets = calibrate_presets(q, c, score, cost, c_ref)
+    if complete.sum() >= MIN_COMPLETE:
+        presets = calibrate_presets(q, c, score, cost, c_ref)
+    else:
+        # A table where few prompts have every model's outcome (sparse, or merged from benchmarks
+        # that scored different models) would calibrate on a handful of prompts, or on none and put
+        # every preset at w = 1: the estimates of all the validation prompts stand in for outcomes.
+        log.warning(
+            "validation: %d prompt(s) have an outcome of every model; the presets are calibrated on "
+            "the estimates of all %d validation prompts",
+            int(complete.sum()),
+            len(complete),
+        )
+        presets = calibrate_presets(
+            est.quality, est.cost_usd, est.quality, est.cost_usd, c_ref, basis="calibrated on estimates"
+        )
     evaluation = evaluate(list(models), score, cost, q, c, c_ref)
     f = evaluation.figures
     figures = ValidationFigures(

@@ -212,3 +212,30 @@ def test_model_names_that_read_as_numbers_stay_names(data_dir: Path, tmp_path: P
         _write(tmp_path, p, o.assign(model=o["model"].map(names)), m.assign(model=m["model"].map(names)))
     )
     assert sorted(table.models) == sorted(names.values())
+
+
+def test_a_table_few_of_whose_prompts_every_model_answered_still_gets_usable_presets(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Two models scored on disjoint halves of the prompts (a table merged from benchmarks that
+    scored different models): no validation prompt is complete, and every preset came out at
+    w = 1, so a call without its own w always went to the cheapest model."""
+    import json
+
+    from training.pipeline import TrainConfig, train_bundle
+
+    p, o, m = _copy(data_dir, tmp_path, n_prompts=300)
+    p = p.assign(split="train")
+    first, second = m["model"].iloc[0], m["model"].iloc[1]
+    half = set(p["prompt_id"].iloc[::2])
+    gone = ((o["model"] == first) & o["prompt_id"].isin(half)) | (
+        (o["model"] == second) & ~o["prompt_id"].isin(half)
+    )
+    bundle = tmp_path / "bundle"
+    train_bundle(_write(tmp_path, p, o[~gone], m), bundle, TrainConfig())
+    policy = json.loads((bundle / "manifest.json").read_text())["policy"]
+    weights = {name: preset["cost_weight"] for name, preset in policy["presets"].items()}
+    assert policy["default_cost_weight"] < 1.0
+    assert weights["quality"] == 0.0 <= weights["cost-50"] <= weights["cost-30"] <= weights["cost-10"]
+    assert weights["cost-50"] < 1.0
+    assert "calibrated on estimates" in policy["presets"]["cost-30"]["description"]
