@@ -106,7 +106,7 @@ class OnlineMemory:
                     self._row_of[key], self._key_of[row] = row, key
                     self._emb[row] = unit
                     self._digest[row] = int.from_bytes(
-                        hashlib.blake2b(unit.tobytes(), digest_size=8).digest()
+                        hashlib.blake2b(unit.tobytes(), digest_size=8).digest(), "little"
                     )
                     self._score[row] = np.nan
                     self._tokens[row] = np.nan
