@@ -171,8 +171,12 @@ def _remove_abandoned(out_dir: Path) -> None:
         run = _Run(out_dir, token)
         if not run.abandoned():
             continue
-        if run.aside.is_dir() and not run.aside.is_symlink() and not out_dir.exists():
-            run.aside.rename(out_dir)
+        try:
+            if run.aside.is_dir() and not run.aside.is_symlink() and not out_dir.exists():
+                run.aside.rename(out_dir)
+        except OSError:  # left as it is, for a person to look at: nothing of it is removed
+            run.finish(unlink=False)
+            continue
         for leftover in (run.staging, run.aside):
             if leftover.is_dir() and not leftover.is_symlink():
                 _remove_tree(leftover)
