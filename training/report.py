@@ -54,11 +54,23 @@ def evaluate_bundle(bundle_dir: Path, data_dir: Path, split: str, report_dir: Pa
     bundle, engine = open_engine(bundle_dir, provider="cpu")
     table = load_table(data_dir)
     models = list(engine.models)
-    if sorted(models) != sorted(table.models):
+    unscored = sorted(set(models) - set(table.models))
+    if unscored:
         raise TableError(
-            f"{table.name}: its models ({len(table.models)}) are not the bundle's ({len(models)}); "
-            "evaluate a bundle on the table it was trained for"
+            f"{table.name}: has no outcomes of the bundle's model(s) {', '.join(map(repr, unscored[:3]))}; "
+            "evaluate on a table that scores every model of the bundle"
         )
+    # A bundle after remove-model (or trained without some models) is measured among its own
+    # models: the router, the references and the oracle all choose from the same fleet.
+    left_out = sorted(set(table.models) - set(models))
+    if left_out:
+        log.warning(
+            "%s: evaluating among the bundle's %d models; the table's %s are left out",
+            table.name,
+            len(models),
+            ", ".join(left_out),
+        )
+        table = table.without_models(left_out)
     train, test = table.split("train"), table.split(split)
     order = [table.models.index(m) for m in models]
     features = engine.featurize(list(test.prompts["prompt"]))
@@ -82,6 +94,7 @@ def evaluate_bundle(bundle_dir: Path, data_dir: Path, split: str, report_dir: Pa
         "table": table.name,
         "split": split,
         "bundle_version": engine.version,
+        "models_left_out": left_out,
         "router": router.figures,
         "knn": knn.figures | {"k": k, "validation_aiq_by_k": {str(kk): v for kk, v in k_scores.items()}},
     }
@@ -164,7 +177,12 @@ def markdown_report(f: dict) -> str:
         f"{r['prompts']} prompts that every one of the {r['models']} models answered. "
         f"Best single model: {r['best_model']} (quality {r['best_model_quality']:.3f}, "
         f"${r['best_model_cost_per_1k']:.4f} per 1k queries). "
-        f"kNN reference: k = {k['k']} (chosen on validation).",
+        f"kNN reference: k = {k['k']} (chosen on validation)."
+        + (
+            f" The table's other models ({', '.join(f['models_left_out'])}) are not the bundle's: left out."
+            if f.get("models_left_out")
+            else ""
+        ),
         "",
         "| figure | router | kNN reference |",
         "|---|---|---|",

@@ -378,3 +378,26 @@ def test_leave_one_out_refuses_a_one_model_table_before_any_work(small_table: Pa
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "needs two models at least" in result.stderr
+
+
+def test_eval_measures_a_bundle_after_remove_model_among_its_own_models(
+    trained: Path, small_table: Path, tmp_path: Path
+) -> None:
+    """It was refused on the table it came from ('its models are not the bundle's')."""
+    import json
+
+    gone = json.loads((trained / "manifest.json").read_text())["models"][0]["name"]
+    smaller = tmp_path / "smaller"
+    result = run("remove-model", "--bundle", str(trained), "--model", gone, "--out", str(smaller))
+    assert result.returncode == 0, result.stderr
+    report = tmp_path / "report"
+    result = run("eval", "--bundle", str(smaller), "--data", str(small_table), "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads((report / "metrics.json").read_text())
+    assert figures["models_left_out"] == [gone] and figures["router"]["models"] == figures["knn"]["models"]
+    assert (
+        gone not in json.dumps(figures["router"]["single_models"])
+        and "left out" in (report / "report.md").read_text()
+    )
+    own = run("eval", "--bundle", str(trained), "--data", str(small_table), "--report", str(tmp_path / "r2"))
+    assert own.returncode == 0  # the bundle's own table still evaluates as before
