@@ -85,7 +85,7 @@ class Prepared:
 
 
 def load_data(data_dir: Path, config: TrainConfig) -> TrainingData:
-    table = load_table(data_dir).without_models(config.exclude_models).split("train")
+    table = load_table(data_dir).without_models(config.exclude_models).split("train").scored()
     if config.max_prompts and len(table.prompts) > config.max_prompts:
         keep = table.prompts.sample(n=config.max_prompts, random_state=config.seed)["prompt_id"]
         table = table.subset(keep)

@@ -71,7 +71,7 @@ def evaluate_bundle(bundle_dir: Path, data_dir: Path, split: str, report_dir: Pa
             ", ".join(left_out),
         )
         table = table.without_models(left_out)
-    train, test = table.split("train"), table.split(split)
+    train, test = table.split("train").scored(), table.split(split)
     order = [table.models.index(m) for m in models]
     features = engine.featurize(list(test.prompts["prompt"]))
     est = engine.estimate_features(features)

@@ -190,6 +190,12 @@ class RoutingTable:
         outcomes = self.outcomes[self.outcomes["prompt_id"].isin(keep)].reset_index(drop=True)
         return RoutingTable(self.name, prompts, outcomes, self.prices)
 
+    def scored(self) -> RoutingTable:
+        """Only the prompts with an outcome of some model: one without teaches nothing, and as a
+        neighbour or a fitted row it only dilutes what the others teach."""
+        scored = self.prompts["prompt_id"].isin(set(self.outcomes["prompt_id"]))
+        return self if scored.all() else self.subset(self.prompts.loc[scored, "prompt_id"])
+
     def without_models(self, models: Sequence[str]) -> RoutingTable:
         """The same table without the outcomes and prices of `models` (each must be one of its own)."""
         unknown = sorted(set(models) - set(self.models))
