@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from router.core.features import BLANK, blank
-from router.core.pricing import MAX_TOKENS, MAX_USD_PER_MTOK
+from router.core.pricing import MAX_TOKENS, MAX_USD_PER_MTOK, PER_TOKEN
 from training.errors import TableError
 from training.implied_prices import fill_prices
 
@@ -252,10 +252,10 @@ def _priced(outcomes: pd.DataFrame, prices: pd.DataFrame) -> pd.Series:
     tokens_out = (
         pd.to_numeric(outcomes.loc[missing, "output_tokens"], errors="coerce").astype(float).fillna(0.0)
     )
-    bill = (
+    bill = PER_TOKEN * (
         tokens_in[missing] * models.map(listed["input_usd_per_mtok"]).astype(float)
         + tokens_out * models.map(listed["output_usd_per_mtok"]).astype(float)
-    ) / 1e6
+    )
     cost[missing] = bill.to_numpy()
     return cost
 
